@@ -1,0 +1,3 @@
+"""fewsight.eval."""
+
+__all__: list[str] = []

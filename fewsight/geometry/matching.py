@@ -1,0 +1,264 @@
+"""Anchor-to-ground-truth matching for a whole batch in one call.
+
+The IoU tensor ``[B, G, A]`` is never built whole when it is large: anchors are processed in
+chunks of at most ``max_block_elements`` IoU values, keeping per-anchor best matches and a running
+per-GT best. The result is identical to the dense computation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_last_dim
+
+__all__ = ["BACKGROUND", "IGNORE", "Match", "match"]
+
+BACKGROUND = -1
+"""``Match.indices`` value of an anchor whose best IoU is below the background threshold."""
+IGNORE = -2
+"""``Match.indices`` value of an anchor in the ignore band or in an ignore region."""
+
+_DEFAULT_BLOCK = 1 << 22  # IoU values per chunk: 16 MiB of float32
+
+
+class Match(NamedTuple):
+    """Per-anchor matching result.
+
+    ``indices``: ``Long[B, A]``, a GT index ``>= 0`` (into the padded ``G`` axis), :data:`BACKGROUND`
+    or :data:`IGNORE`. ``iou``: ``Tensor[B, A]``, the anchor's best IoU with any valid GT (0 when
+    there is none; for anchors forced by ``force_best``, the IoU with the forced GT).
+    """
+
+    indices: Tensor
+    iou: Tensor
+
+    @property
+    def positive(self) -> Tensor:
+        """``Bool[B, A]``: anchors matched to a GT."""
+        return self.indices >= 0
+
+
+def _corners(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
+
+
+def _chunk_iou(anchors: Tensor, gt: Tensor, gt_area: Tensor, valid: Tensor) -> Tensor:
+    """IoU of a chunk, laid out ``[B, G, a]`` so that per-anchor reductions run over contiguous rows.
+
+    ``anchors``: ``Tensor[1 or B, a, 4]``; ``gt``: ``Tensor[B, G, 4]``; invalid GT rows get IoU -1 so
+    they can never be any anchor's best match.
+    """
+    ax1, ay1, ax2, ay2 = (c.unsqueeze(1) for c in _corners(anchors))  # [1|B, 1, a]
+    gx1, gy1, gx2, gy2 = (c.unsqueeze(2) for c in _corners(gt))  # [B, G, 1]
+    w = torch.minimum(ax2, gx2)
+    w.sub_(torch.maximum(ax1, gx1)).clamp_(min=0)
+    h = torch.minimum(ay2, gy2)
+    h.sub_(torch.maximum(ay1, gy1)).clamp_(min=0)
+    inter = w.mul_(h)
+    anchor_area = ((ax2 - ax1).clamp_(min=0)).mul_((ay2 - ay1).clamp_(min=0))
+    union = anchor_area + gt_area.unsqueeze(2)
+    union.sub_(inter).clamp_(min=torch.finfo(union.dtype).tiny)
+    iou = inter.div_(union)
+    return iou.masked_fill_(~valid.unsqueeze(2), -1.0)
+
+
+def _validate(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    check_last_dim("anchors", anchors, 4, "Tensor[A, 4] or Tensor[B, A, 4]")
+    check_last_dim("gt_boxes", gt_boxes, 4, "Tensor[B, G, 4]")
+    if anchors.ndim not in (2, 3):
+        raise ShapeError(f"anchors: expected Tensor[A, 4] or Tensor[B, A, 4], got shape {tuple(anchors.shape)}")
+    if gt_boxes.ndim != 3:
+        raise ShapeError(f"gt_boxes: expected Tensor[B, G, 4], got shape {tuple(gt_boxes.shape)}")
+    batch = gt_boxes.shape[0]
+    if anchors.ndim == 3 and anchors.shape[0] != batch:
+        raise ShapeError(
+            f"anchors: expected Tensor[{batch}, A, 4] to match gt_boxes' batch, got shape {tuple(anchors.shape)}"
+        )
+    if gt_valid is None:
+        gt_valid = torch.ones(gt_boxes.shape[:2], dtype=torch.bool, device=gt_boxes.device)
+    if gt_valid.shape != gt_boxes.shape[:2]:
+        raise ShapeError(
+            f"gt_valid: expected Bool[{batch}, {gt_boxes.shape[1]}] matching gt_boxes, got shape {tuple(gt_valid.shape)}"
+        )
+    if gt_valid.dtype != torch.bool:
+        raise DTypeError(f"gt_valid: expected a bool tensor, got dtype {gt_valid.dtype}")
+    work = torch.float64 if torch.float64 in (anchors.dtype, gt_boxes.dtype) else torch.float32
+    anchors = anchors.to(device=gt_boxes.device, dtype=work)
+    if anchors.ndim == 2:
+        anchors = anchors.unsqueeze(0)
+    return anchors, gt_valid
+
+
+def match(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor | None = None,
+    *,
+    object_threshold: float = 0.5,
+    background_threshold: float = 0.4,
+    low_quality: bool = False,
+    force_best: bool = False,
+    ignore_regions: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
+    ignore_threshold: float = 0.5,
+    max_block_elements: int = _DEFAULT_BLOCK,
+) -> Match:
+    """Match every anchor of every image to its best ground-truth box, in one batched call.
+
+    Args:
+        anchors: ``Tensor[A, 4]`` shared by the batch, or ``Tensor[B, A, 4]``.
+        gt_boxes: ``Tensor[B, G, 4]`` padded ground truth (see :func:`pad_targets`).
+        gt_valid: ``Bool[B, G]``, which rows of ``gt_boxes`` are real (default: all).
+        object_threshold: IoU ``>=`` this makes an anchor positive.
+        background_threshold: IoU ``<`` this makes an anchor background; in between it is
+            :data:`IGNORE`.
+        low_quality: also make positive, for each GT, the anchors with that GT's highest IoU (ties
+            included; they are assigned their own best GT, as in torchvision's ``Matcher``). A GT that
+            overlaps no anchor at all (best IoU 0) turns no anchor positive, unlike torchvision where
+            every anchor then ties at 0 and becomes positive.
+        force_best: SSD matching: every valid GT with a positive best IoU takes its best anchor (the
+            lowest anchor index among ties), whatever the thresholds. When several GTs pick the same
+            anchor, the GT with the highest IoU wins, then the lowest GT index.
+        ignore_regions: ``Tensor[B, R, 4]``; anchors not positive whose intersection over their own area
+            with a region is ``>= ignore_threshold`` become :data:`IGNORE`.
+        ignore_valid: ``Bool[B, R]`` (default: all).
+        max_block_elements: largest number of IoU values held at once; bounds memory to
+            ``O(B * A + max_block_elements)``.
+
+    Returns:
+        :class:`Match` with ``indices: Long[B, A]`` and ``iou: Tensor[B, A]``.
+
+    Example:
+        >>> anchors = torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.], [0., 0., 9., 9.]])
+        >>> gt = torch.tensor([[[0., 0., 10., 10.]]])
+        >>> match(anchors, gt).indices
+        tensor([[ 0, -1,  0]])
+    """
+    if not 0.0 <= background_threshold <= object_threshold:
+        raise InvalidArgumentError(
+            "background_threshold/object_threshold: expected 0 <= background_threshold <= object_threshold, "
+            f"got {background_threshold} and {object_threshold}"
+        )
+    if max_block_elements < 1:
+        raise InvalidArgumentError(f"max_block_elements: expected >= 1, got {max_block_elements}")
+    anchors, gt_valid = _validate(anchors, gt_boxes, gt_valid)
+    gt = gt_boxes.to(anchors.dtype)
+    batch, num_gt = gt.shape[:2]
+    num_anchors = anchors.shape[1]
+    device, work = gt.device, anchors.dtype
+
+    indices = torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device)
+    best_iou = torch.zeros((batch, num_anchors), dtype=work, device=device)
+    if num_gt == 0 or num_anchors == 0 or batch == 0:
+        return Match(indices, best_iou)
+
+    gx1, gy1, gx2, gy2 = _corners(gt)
+    gt_area = (gx2 - gx1).clamp(min=0) * (gy2 - gy1).clamp(min=0)
+    chunk = max(1, max_block_elements // (batch * num_gt))
+    starts = range(0, num_anchors, chunk)
+    need_gt_best = low_quality or force_best
+    gt_best = torch.full((batch, num_gt), -1.0, dtype=work, device=device)
+    gt_best_anchor = torch.zeros((batch, num_gt), dtype=torch.long, device=device)
+    single_iou: Tensor | None = None
+
+    for start in starts:
+        stop = min(start + chunk, num_anchors)
+        iou = _chunk_iou(anchors[:, start:stop], gt, gt_area, gt_valid)  # [B, G, a]
+        value, arg = iou.max(dim=1)
+        best_iou[:, start:stop] = value
+        indices[:, start:stop] = arg
+        if need_gt_best:
+            chunk_best, chunk_arg = iou.max(dim=2)  # first maximum: the lowest anchor index
+            better = chunk_best > gt_best  # strict, so an earlier chunk keeps ties
+            gt_best = torch.where(better, chunk_best, gt_best)
+            gt_best_anchor = torch.where(better, chunk_arg + start, gt_best_anchor)
+        if len(starts) == 1:
+            single_iou = iou
+
+    positive = best_iou >= object_threshold
+    if low_quality:
+        # Ties are exact, so the second pass needs the final per-GT maxima; one chunk keeps its IoU.
+        usable = (gt_best > 0).unsqueeze(2)
+        lq_parts = []
+        for start in starts:
+            stop = min(start + chunk, num_anchors)
+            iou = single_iou if single_iou is not None else _chunk_iou(anchors[:, start:stop], gt, gt_area, gt_valid)
+            lq_parts.append(((iou == gt_best.unsqueeze(2)) & usable).any(dim=1))
+        positive |= torch.cat(lq_parts, dim=1)
+
+    labels = torch.where(
+        positive,
+        indices,
+        torch.where(best_iou < background_threshold, BACKGROUND, IGNORE),
+    )
+
+    if ignore_regions is not None:
+        labels = _apply_ignore_regions(
+            labels, anchors, ignore_regions, ignore_valid, ignore_threshold, max_block_elements
+        )
+
+    if force_best:
+        labels, best_iou = _force_best(labels, best_iou, gt_best, gt_best_anchor, gt_valid)
+
+    return Match(labels, best_iou.clamp(min=0))
+
+
+def _force_best(
+    labels: Tensor, best_iou: Tensor, gt_best: Tensor, gt_best_anchor: Tensor, gt_valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    batch, num_gt = gt_best.shape
+    claims = gt_valid & (gt_best > 0)
+    claim_iou = torch.where(claims, gt_best, torch.full_like(gt_best, -1.0))
+    # Per anchor, the highest IoU among the GTs that claim it ...
+    top = torch.full_like(best_iou, -1.0).scatter_reduce(1, gt_best_anchor, claim_iou, "amax")
+    winner = claims & (claim_iou == top.gather(1, gt_best_anchor))
+    # ... and among equal IoUs the lowest GT index.
+    gt_index = torch.arange(num_gt, device=labels.device).expand(batch, num_gt)
+    key = torch.where(winner, gt_index, torch.full_like(gt_index, num_gt))
+    owner = torch.full_like(labels, num_gt).scatter_reduce(1, gt_best_anchor, key, "amin")
+    forced = owner < num_gt
+    labels = torch.where(forced, owner, labels)
+    forced_iou = torch.gather(gt_best, 1, owner.clamp(max=num_gt - 1))
+    best_iou = torch.where(forced, forced_iou, best_iou)
+    return labels, best_iou
+
+
+def _apply_ignore_regions(
+    labels: Tensor,
+    anchors: Tensor,
+    regions: Tensor,
+    regions_valid: Tensor | None,
+    threshold: float,
+    max_block_elements: int,
+) -> Tensor:
+    check_last_dim("ignore_regions", regions, 4, "Tensor[B, R, 4]")
+    batch = labels.shape[0]
+    if regions.ndim != 3 or regions.shape[0] != batch:
+        raise ShapeError(f"ignore_regions: expected Tensor[{batch}, R, 4], got shape {tuple(regions.shape)}")
+    if regions_valid is None:
+        regions_valid = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+    if regions_valid.shape != regions.shape[:2]:
+        raise ShapeError(
+            f"ignore_valid: expected Bool{list(regions.shape[:2])} matching ignore_regions, "
+            f"got shape {tuple(regions_valid.shape)}"
+        )
+    if regions.shape[1] == 0:
+        return labels
+    regions = regions.to(anchors.dtype)
+    num_anchors = labels.shape[1]
+    step = max(1, max_block_elements // (batch * regions.shape[1]))
+    hit_parts = []
+    rx1, ry1, rx2, ry2 = (c.unsqueeze(2) for c in _corners(regions))  # [B, R, 1]
+    for start in range(0, num_anchors, step):
+        a = anchors[:, start : start + step]
+        ax1, ay1, ax2, ay2 = (c.unsqueeze(1) for c in _corners(a))
+        w = (torch.minimum(ax2, rx2) - torch.maximum(ax1, rx1)).clamp_(min=0)
+        h = (torch.minimum(ay2, ry2) - torch.maximum(ay1, ry1)).clamp_(min=0)
+        area = ((ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)).clamp_(min=torch.finfo(a.dtype).tiny)
+        ioa = (w * h) / area
+        hit_parts.append(((ioa >= threshold) & regions_valid.unsqueeze(2)).any(dim=1))
+    hit = torch.cat(hit_parts, dim=1)
+    return torch.where(hit & (labels < 0), IGNORE, labels)

@@ -1,0 +1,3 @@
+"""fewsight.losses."""
+
+__all__: list[str] = []

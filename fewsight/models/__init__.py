@@ -1,0 +1,3 @@
+"""fewsight.models."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fewsight.retrieval."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fewsight.train."""
+
+__all__: list[str] = []
