@@ -116,7 +116,7 @@ class AnchorGenerator:
         key = (tuple(tuple(int(x) for x in fs) for fs in feature_sizes), dtype, None if device is None else torch.device(device))
         cached = self._cache.get(key)
         if cached is not None:
-            return cached
+            return cached.clone()  # callers may modify anchors in place; the cache must not change
         parts = []
         for k, ((fh, fw), stride) in enumerate(zip(feature_sizes, self.strides)):
             ys = (torch.arange(fh, dtype=torch.float64) + 0.5) * stride
@@ -128,7 +128,7 @@ class AnchorGenerator:
         if len(self._cache) > 16:  # a training run sees a handful of padded sizes
             self._cache.clear()
         self._cache[key] = anchors
-        return anchors
+        return anchors.clone()
 
     def __call__(
         self, images_or_size: Tensor | Sequence[int], dtype: torch.dtype | None = None, device=None

@@ -34,6 +34,8 @@ def box_area(boxes: Tensor) -> Tensor:
     tensor([6.])
     """
     check_last_dim("boxes", boxes, 4)
+    if boxes.dtype in (torch.float16, torch.bfloat16) or not boxes.is_floating_point():
+        boxes = boxes.float()  # a 4000 px box's area overflows fp16; integer areas would truncate IoUs
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
@@ -81,6 +83,20 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
             f"boxes1/boxes2: expected Tensor[..., N, 4] and Tensor[..., M, 4], "
             f"got shapes {tuple(a.shape)} and {tuple(b.shape)}"
         )
+    try:
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(
+            f"boxes1/boxes2: expected broadcastable leading dimensions, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        ) from None
+
+
+def _result_dtypes(a: Tensor, b: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(output dtype, working dtype): integer boxes give float32 IoUs; halves are computed in float32."""
+    out = torch.promote_types(a.dtype, b.dtype)
+    if not out.is_floating_point:
+        out = torch.float32
+    return out, (torch.float64 if out == torch.float64 else torch.float32)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -96,8 +112,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     tensor([[0.1429, 0.0000]])
     """
     _check_pair(boxes1, boxes2)
-    out_dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
-    work = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_dtype, work = _result_dtypes(boxes1, boxes2)
     a, b = boxes1.to(work), boxes2.to(work)
     inter = _intersection(a, b)
     union = box_area(a).unsqueeze(-1) + box_area(b).unsqueeze(-2)
@@ -116,8 +131,7 @@ def box_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
     tensor([[1.]])
     """
     _check_pair(boxes, regions)
-    out_dtype = torch.promote_types(boxes.dtype, regions.dtype)
-    work = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_dtype, work = _result_dtypes(boxes, regions)
     a, b = boxes.to(work), regions.to(work)
     inter = _intersection(a, b)
     return inter.div_(box_area(a).unsqueeze(-1).clamp(min=torch.finfo(work).tiny)).to(out_dtype)

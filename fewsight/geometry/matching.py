@@ -21,7 +21,10 @@ BACKGROUND = -1
 IGNORE = -2
 """``Match.indices`` value of an anchor in the ignore band or in an ignore region."""
 
-_DEFAULT_BLOCK = 1 << 22  # IoU values per chunk: 16 MiB of float32
+# IoU values per chunk. On CPU a chunk whose three work buffers stay in cache is about twice as fast
+# per value as a large one; on GPU one launch per op over a large block is what matters.
+_CPU_BLOCK = 1 << 19
+_GPU_BLOCK = 1 << 25
 
 
 class Match(NamedTuple):
@@ -45,24 +48,55 @@ def _corners(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
 
 
-def _chunk_iou(anchors: Tensor, gt: Tensor, gt_area: Tensor, valid: Tensor) -> Tensor:
-    """IoU of a chunk, laid out ``[B, G, a]`` so that per-anchor reductions run over contiguous rows.
+class _IoUBlock:
+    """IoU of anchor chunks against padded GT, laid out ``[B, G, a]``.
 
-    ``anchors``: ``Tensor[1 or B, a, 4]``; ``gt``: ``Tensor[B, G, 4]``; invalid GT rows get IoU -1 so
-    they can never be any anchor's best match.
+    Anchor coordinates are stored as contiguous planes ``[4, 1|B, A]`` and the three ``[B, G, a]``
+    work buffers are reused across chunks: on CPU most of a naive IoU's time goes to page faults of
+    freshly allocated matrices, not arithmetic.
     """
-    ax1, ay1, ax2, ay2 = (c.unsqueeze(1) for c in _corners(anchors))  # [1|B, 1, a]
-    gx1, gy1, gx2, gy2 = (c.unsqueeze(2) for c in _corners(gt))  # [B, G, 1]
-    w = torch.minimum(ax2, gx2)
-    w.sub_(torch.maximum(ax1, gx1)).clamp_(min=0)
-    h = torch.minimum(ay2, gy2)
-    h.sub_(torch.maximum(ay1, gy1)).clamp_(min=0)
-    inter = w.mul_(h)
-    anchor_area = ((ax2 - ax1).clamp_(min=0)).mul_((ay2 - ay1).clamp_(min=0))
-    union = anchor_area + gt_area.unsqueeze(2)
-    union.sub_(inter).clamp_(min=torch.finfo(union.dtype).tiny)
-    iou = inter.div_(union)
-    return iou.masked_fill_(~valid.unsqueeze(2), -1.0)
+
+    def __init__(self, anchors: Tensor, gt: Tensor, gt_valid: Tensor, chunk: int) -> None:
+        self.planes = anchors.permute(2, 0, 1).contiguous()  # [4, 1|B, A]
+        # Flooring the anchor area bounds every union away from 0 (union >= anchor area), so the
+        # [B, G, a] division needs no clamp of its own.
+        tiny = torch.finfo(anchors.dtype).tiny
+        self.area = ((self.planes[2] - self.planes[0]).clamp_(min=0) * (self.planes[3] - self.planes[1]).clamp_(min=0)).clamp_(min=tiny)
+        # Padding rows become empty boxes far outside any image: IoU exactly 0, no masking pass.
+        far = torch.tensor(-1e30, dtype=gt.dtype, device=gt.device)
+        gt = torch.where(gt_valid.unsqueeze(-1), gt, far)
+        self.gt = gt.permute(2, 0, 1).unsqueeze(-1)  # [4, B, G, 1]
+        gx1, gy1, gx2, gy2 = self.gt
+        self.gt_area = (gx2 - gx1).clamp(min=0) * (gy2 - gy1).clamp(min=0)
+        batch, num_gt = gt.shape[:2]
+        width = min(chunk, anchors.shape[1])
+        self.buffers = [gt.new_empty((batch, num_gt, width)) for _ in range(3)]
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        a = stop - start
+        w, h, tmp = (b[..., :a] for b in self.buffers)
+        ax1, ay1, ax2, ay2 = (p[:, None, start:stop] for p in self.planes)  # [1|B, 1, a]
+        gx1, gy1, gx2, gy2 = self.gt
+        torch.minimum(ax2, gx2, out=w)
+        w.sub_(torch.maximum(ax1, gx1, out=tmp)).clamp_(min=0)
+        torch.minimum(ay2, gy2, out=h)
+        h.sub_(torch.maximum(ay1, gy1, out=tmp)).clamp_(min=0)
+        inter = w.mul_(h)
+        union = torch.add(self.area[:, None, start:stop], self.gt_area, out=tmp)
+        return inter.div_(union.sub_(inter))
+
+    def rows(self, start: int, stop: int, image: Tensor, slot: Tensor) -> Tensor:
+        """IoU of a few GT rows ``(image[k], slot[k])`` against one chunk -> ``Tensor[K, a]``."""
+        planes = self.planes[:, :, start:stop]
+        planes = planes[:, image] if planes.shape[1] > 1 else planes[:, 0].unsqueeze(1)  # [4, K|1, a]
+        ax1, ay1, ax2, ay2 = planes
+        gx1, gy1, gx2, gy2 = self.gt[:, image, slot]  # [4, K, 1]
+        w = (torch.minimum(ax2, gx2) - torch.maximum(ax1, gx1)).clamp_(min=0)
+        h = (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp_(min=0)
+        inter = w.mul_(h)
+        area = self.area[:, start:stop]
+        area = area[image] if area.shape[0] > 1 else area
+        return inter.div_((area + self.gt_area[image, slot]).sub_(inter))
 
 
 def _validate(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -104,7 +138,7 @@ def match(
     ignore_regions: Tensor | None = None,
     ignore_valid: Tensor | None = None,
     ignore_threshold: float = 0.5,
-    max_block_elements: int = _DEFAULT_BLOCK,
+    max_block_elements: int | None = None,
 ) -> Match:
     """Match every anchor of every image to its best ground-truth box, in one batched call.
 
@@ -126,7 +160,7 @@ def match(
             with a region is ``>= ignore_threshold`` become :data:`IGNORE`.
         ignore_valid: ``Bool[B, R]`` (default: all).
         max_block_elements: largest number of IoU values held at once; bounds memory to
-            ``O(B * A + max_block_elements)``.
+            ``O(B * A + max_block_elements)``. Default: 2**19 on CPU (cache-sized), 2**25 on GPU.
 
     Returns:
         :class:`Match` with ``indices: Long[B, A]`` and ``iou: Tensor[B, A]``.
@@ -137,11 +171,18 @@ def match(
         >>> match(anchors, gt).indices
         tensor([[ 0, -1,  0]])
     """
+    if not 0.0 < object_threshold <= 1.0:
+        # 0 would make IoU-0 anchors positive, matched to whichever row (padding included) comes first.
+        raise InvalidArgumentError(f"object_threshold: expected a value in (0, 1], got {object_threshold}")
+    if not 0.0 < ignore_threshold <= 1.0:
+        raise InvalidArgumentError(f"ignore_threshold: expected a value in (0, 1], got {ignore_threshold}")
     if not 0.0 <= background_threshold <= object_threshold:
         raise InvalidArgumentError(
             "background_threshold/object_threshold: expected 0 <= background_threshold <= object_threshold, "
             f"got {background_threshold} and {object_threshold}"
         )
+    if max_block_elements is None:
+        max_block_elements = _CPU_BLOCK if gt_boxes.device.type == "cpu" else _GPU_BLOCK
     if max_block_elements < 1:
         raise InvalidArgumentError(f"max_block_elements: expected >= 1, got {max_block_elements}")
     anchors, gt_valid = _validate(anchors, gt_boxes, gt_valid)
@@ -152,42 +193,44 @@ def match(
 
     indices = torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device)
     best_iou = torch.zeros((batch, num_anchors), dtype=work, device=device)
-    if num_gt == 0 or num_anchors == 0 or batch == 0:
+    if num_anchors == 0 or batch == 0:
+        return Match(indices, best_iou)
+    if num_gt == 0:
+        if ignore_regions is not None:
+            indices = _apply_ignore_regions(indices, anchors, ignore_regions, ignore_valid, ignore_threshold, max_block_elements)
         return Match(indices, best_iou)
 
-    gx1, gy1, gx2, gy2 = _corners(gt)
-    gt_area = (gx2 - gx1).clamp(min=0) * (gy2 - gy1).clamp(min=0)
     chunk = max(1, max_block_elements // (batch * num_gt))
     starts = range(0, num_anchors, chunk)
+    block = _IoUBlock(anchors, gt, gt_valid, chunk)
     need_gt_best = low_quality or force_best
     gt_best = torch.full((batch, num_gt), -1.0, dtype=work, device=device)
     gt_best_anchor = torch.zeros((batch, num_gt), dtype=torch.long, device=device)
+    chunk_best = []  # per chunk, each GT's best IoU inside it: [B, G] each
     single_iou: Tensor | None = None
 
     for start in starts:
         stop = min(start + chunk, num_anchors)
-        iou = _chunk_iou(anchors[:, start:stop], gt, gt_area, gt_valid)  # [B, G, a]
-        value, arg = iou.max(dim=1)
-        best_iou[:, start:stop] = value
-        indices[:, start:stop] = arg
+        iou = block(start, stop)  # [B, G, a]
+        torch.max(iou, dim=1, out=(best_iou[:, start:stop], indices[:, start:stop]))
+        if force_best:
+            best_here, arg_here = iou.max(dim=2)  # first maximum: the lowest anchor index
+            better = best_here > gt_best  # strict, so an earlier chunk keeps ties
+            gt_best_anchor = torch.where(better, arg_here + start, gt_best_anchor)
+        elif low_quality:
+            best_here = iou.amax(dim=2)
         if need_gt_best:
-            chunk_best, chunk_arg = iou.max(dim=2)  # first maximum: the lowest anchor index
-            better = chunk_best > gt_best  # strict, so an earlier chunk keeps ties
-            gt_best = torch.where(better, chunk_best, gt_best)
-            gt_best_anchor = torch.where(better, chunk_arg + start, gt_best_anchor)
+            gt_best = torch.maximum(gt_best, best_here)
+            chunk_best.append(best_here)
         if len(starts) == 1:
             single_iou = iou
 
+    # An image without valid GT has no best match: -1 keeps its anchors background even when
+    # background_threshold is 0.
+    best_iou.masked_fill_(~gt_valid.any(dim=1, keepdim=True), -1.0)
     positive = best_iou >= object_threshold
     if low_quality:
-        # Ties are exact, so the second pass needs the final per-GT maxima; one chunk keeps its IoU.
-        usable = (gt_best > 0).unsqueeze(2)
-        lq_parts = []
-        for start in starts:
-            stop = min(start + chunk, num_anchors)
-            iou = single_iou if single_iou is not None else _chunk_iou(anchors[:, start:stop], gt, gt_area, gt_valid)
-            lq_parts.append(((iou == gt_best.unsqueeze(2)) & usable).any(dim=1))
-        positive |= torch.cat(lq_parts, dim=1)
+        positive |= _low_quality(block, starts, chunk, num_anchors, gt_best, chunk_best, gt_valid, single_iou)
 
     labels = torch.where(
         positive,
@@ -204,6 +247,36 @@ def match(
         labels, best_iou = _force_best(labels, best_iou, gt_best, gt_best_anchor, gt_valid)
 
     return Match(labels, best_iou.clamp(min=0))
+
+
+def _low_quality(
+    block: _IoUBlock,
+    starts: range,
+    chunk: int,
+    num_anchors: int,
+    gt_best: Tensor,
+    chunk_best: list[Tensor],
+    gt_valid: Tensor,
+    single_iou: Tensor | None,
+) -> Tensor:
+    """``Bool[B, A]``: anchors that reach some GT's highest IoU (ties included), for GTs with IoU > 0."""
+    usable = gt_valid & (gt_best > 0)
+    if single_iou is not None:
+        return ((single_iou == gt_best.unsqueeze(2)) & usable.unsqueeze(2)).any(dim=1)
+    # Ties are exact, so they need the final per-GT maxima. Only the GT rows whose maximum lies in a
+    # chunk are recomputed there: about one chunk's worth of IoU in all instead of a second full pass.
+    batch = gt_best.shape[0]
+    out = torch.zeros((batch, num_anchors), dtype=torch.bool, device=gt_best.device)
+    for start, best_here in zip(starts, chunk_best):
+        stop = min(start + chunk, num_anchors)
+        image, slot = torch.nonzero(usable & (best_here == gt_best), as_tuple=True)
+        if image.numel() == 0:
+            continue
+        ties = block.rows(start, stop, image, slot) == gt_best[image, slot].unsqueeze(1)  # [K, a]
+        hits = torch.zeros((batch, stop - start), dtype=torch.int32, device=out.device)
+        hits.index_add_(0, image, ties.to(torch.int32))
+        out[:, start:stop] = hits > 0
+    return out
 
 
 def _force_best(
@@ -240,6 +313,8 @@ def _apply_ignore_regions(
         raise ShapeError(f"ignore_regions: expected Tensor[{batch}, R, 4], got shape {tuple(regions.shape)}")
     if regions_valid is None:
         regions_valid = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+    if regions_valid.dtype != torch.bool:
+        raise DTypeError(f"ignore_valid: expected a bool tensor, got dtype {regions_valid.dtype}")
     if regions_valid.shape != regions.shape[:2]:
         raise ShapeError(
             f"ignore_valid: expected Bool{list(regions.shape[:2])} matching ignore_regions, "

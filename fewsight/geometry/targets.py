@@ -60,6 +60,9 @@ def pad_targets(
         if not isinstance(t, Mapping) or "boxes" not in t or "labels" not in t:
             raise InvalidArgumentError(f"targets[{i}]: expected a dict with 'boxes' and 'labels', got {type(t).__name__}")
         b, lab = t["boxes"], t["labels"]
+        for key, value in (("boxes", b), ("labels", lab)):
+            if not isinstance(value, Tensor):
+                raise DTypeError(f"targets[{i}][{key!r}]: expected a torch.Tensor, got {type(value).__name__}")
         if b.ndim != 2 or b.shape[-1] != 4:
             raise ShapeError(f"targets[{i}]['boxes']: expected Tensor[N, 4], got shape {tuple(b.shape)}")
         if lab.shape != b.shape[:1]:

@@ -1,0 +1,79 @@
+"""fewsight.data: detection datasets, readers/writers, transforms and collation.
+
+* :class:`DigitsDataset` — real MNIST digits on cluttered canvases (the default demo data);
+  :data:`BASE_CLASSES` (0-7) / :data:`NOVEL_CLASSES` (8, 9).
+* Readers sharing the :class:`DetectionDataset` interface: :class:`COCODataset`,
+  :class:`VOCDataset`, :class:`YOLODataset`, :class:`CSVDataset`; writers :func:`write_coco`,
+  :func:`write_voc`, :func:`write_yolo`, :func:`write_csv`, and :func:`export_dataset`.
+* :func:`train_transforms` / :func:`eval_transforms` (torchvision.transforms.v2) and
+  :func:`collate_detection` for ``DataLoader``.
+
+Example:
+    >>> from torch.utils.data import DataLoader
+    >>> from fewsight.data import DigitsDataset, BASE_CLASSES, collate_detection
+    >>> ds = DigitsDataset("train", num_images=8, classes=BASE_CLASSES)
+    >>> images, targets = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate_detection)))
+    >>> len(images), ds.num_classes
+    (4, 8)
+"""
+
+from fewsight.data.coco import COCODataset, write_coco
+from fewsight.data.collate import collate_detection
+from fewsight.data.csvfile import CSV_COLUMNS, CSVDataset, write_csv
+from fewsight.data.dataset import (
+    ON_ERROR,
+    DetectionDataset,
+    ImageFileDataset,
+    SkippedItem,
+    load_image,
+    read_image_size,
+    save_image,
+)
+from fewsight.data.digits import (
+    BASE_CLASSES,
+    DIGIT_CLASSES,
+    NOVEL_CLASSES,
+    DigitsCanvas,
+    DigitsDataset,
+    digit_pools,
+    load_mnist_digits,
+)
+from fewsight.data.export import EXPORT_FORMATS, export_dataset
+from fewsight.data.transforms import apply_transforms, eval_transforms, train_transforms
+from fewsight.data.voc import VOC_CLASSES, VOCDataset, write_voc
+from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, read_class_names, write_yolo
+
+__all__ = [
+    "BASE_CLASSES",
+    "CSV_COLUMNS",
+    "DIGIT_CLASSES",
+    "EXPORT_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "NOVEL_CLASSES",
+    "ON_ERROR",
+    "VOC_CLASSES",
+    "COCODataset",
+    "CSVDataset",
+    "DetectionDataset",
+    "DigitsCanvas",
+    "DigitsDataset",
+    "ImageFileDataset",
+    "SkippedItem",
+    "VOCDataset",
+    "YOLODataset",
+    "apply_transforms",
+    "collate_detection",
+    "digit_pools",
+    "eval_transforms",
+    "export_dataset",
+    "load_image",
+    "load_mnist_digits",
+    "read_class_names",
+    "read_image_size",
+    "save_image",
+    "train_transforms",
+    "write_coco",
+    "write_csv",
+    "write_voc",
+    "write_yolo",
+]

@@ -1,0 +1,336 @@
+"""The common detection-dataset interface and the machinery shared by the file readers.
+
+Every dataset in :mod:`fewsight.data` is a :class:`DetectionDataset`:
+
+* ``len(ds)``; ``ds[i] -> (image, target)`` with ``image: Tensor[3, H, W]`` float32 in ``[0, 1]``
+  and ``target = {"boxes": Tensor[N, 4] float32 (xyxy, absolute pixels), "labels": Tensor[N] int64}``,
+  labels indexing ``ds.classes`` (background is never a class);
+* ``ds.classes`` (list of names), ``ds.num_classes``;
+* ``ds.skipped`` (list of :class:`SkippedItem`) and ``ds.num_skipped``: items left out with
+  ``on_error="skip"``;
+* ``ds.num_boxes_clipped`` / ``ds.num_boxes_dropped``: boxes repaired (clipped to the image or with
+  swapped corners) or dropped (degenerate, non-finite, entirely outside the image) while indexing;
+* ``ds.transforms``: an optional callable ``(image, target) -> (image, target)`` in the
+  torchvision.transforms.v2 style; see :func:`fewsight.data.transforms.apply_transforms`.
+
+File readers (COCO, VOC, YOLO, CSV) subclass :class:`ImageFileDataset`: annotations are parsed and
+every image header is opened once at construction (so a missing or unreadable image is reported
+before training starts, naming the file); pixels are decoded lazily in ``__getitem__``.
+
+Example:
+    >>> import torch
+    >>> from fewsight.data import DigitsDataset
+    >>> ds = DigitsDataset(split="train", num_images=4)
+    >>> image, target = ds[0]
+    >>> image.shape, target["boxes"].dtype, target["labels"].dtype
+    (torch.Size([3, 128, 128]), torch.float32, torch.int64)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fewsight.errors import DataError, InvalidArgumentError, check_choice
+from fewsight.geometry import sanitize_boxes
+
+__all__ = [
+    "ON_ERROR",
+    "DetectionDataset",
+    "ImageFileDataset",
+    "SkippedItem",
+    "Target",
+    "load_image",
+    "read_image_size",
+    "save_image",
+]
+
+logger = logging.getLogger("fewsight.data")
+
+ON_ERROR = ("raise", "skip")
+
+Target = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """An image or annotation left out with ``on_error="skip"``: the offending file and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode an image file to ``Tensor[3, H, W]`` float32 in ``[0, 1]`` (RGB; alpha dropped).
+
+    Grayscale, palette and RGBA files are converted to RGB. EXIF orientation is ignored, as in
+    ``torchvision.io.decode_image``: annotations refer to the stored pixel grid.
+    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing or corrupt.
+
+    >>> import tempfile, os
+    >>> from PIL import Image
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.png"); Image.new("RGB", (5, 3), (255, 0, 0)).save(p)
+    >>> load_image(p).shape, load_image(p)[0, 0, 0].item()
+    (torch.Size([3, 3, 5]), 1.0)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image file not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: PIL's RGB conversion would saturate; scale by the type's range.
+                arr = np.asarray(im, dtype=np.float32)
+                arr = arr / (65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0))
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+                return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            rgb = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only buffers
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
+def read_image_size(path: str | Path, *, full: bool = False) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header (``full=True`` also decodes every pixel).
+
+    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image file not found")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if full:
+                im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+    if w <= 0 or h <= 0:
+        raise DataError(path, f"image has an empty size {w}x{h}")
+    return h, w
+
+
+def save_image(image: Tensor, path: str | Path) -> None:
+    """Write a ``Tensor[3, H, W]`` (or ``[1, H, W]``/``[H, W]``) float image in ``[0, 1]`` to a file.
+
+    The format follows the suffix (PNG is lossless; use it for round trips).
+    """
+    t = image.detach().to("cpu", torch.float32)
+    if t.ndim == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 3:
+        if t.shape[0] != 3:
+            raise InvalidArgumentError(f"image: expected Tensor[3, H, W] or Tensor[H, W], got shape {tuple(t.shape)}")
+        t = t.permute(1, 2, 0)
+    elif t.ndim != 2:
+        raise InvalidArgumentError(f"image: expected Tensor[3, H, W] or Tensor[H, W], got shape {tuple(t.shape)}")
+    arr = t.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+class DetectionDataset(Dataset[tuple[Tensor, Target]]):
+    """Base of every fewsight detection dataset (see the module docstring for the contract).
+
+    Subclasses implement ``__len__`` and :meth:`load` (the untransformed sample); ``__getitem__``
+    validates the index and applies ``transforms``.
+    """
+
+    def __init__(self, classes: Sequence[str], *, transforms: Callable[..., Any] | None = None) -> None:
+        self.classes: list[str] = [str(c) for c in classes]
+        self.transforms = transforms
+        self.skipped: list[SkippedItem] = []
+        self.num_boxes_clipped = 0
+        self.num_boxes_dropped = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Tensor, Target]:  # pragma: no cover - abstract
+        """The sample at ``index`` before ``transforms``."""
+        raise NotImplementedError
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        try:
+            i = int(index)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"index: expected an int, got {type(index).__name__}") from None
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
+        return i
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image, target = self.load(self._check_index(index))
+        if self.transforms is not None:
+            from fewsight.data.transforms import apply_transforms
+
+            image, target = apply_transforms(self.transforms, image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(len={len(self)}, classes={self.classes})"
+
+
+@dataclass
+class _Entry:
+    """One image as parsed from the annotations, before images are checked and boxes sanitised."""
+
+    image: Path
+    boxes: np.ndarray  # float64 [N, 4] xyxy
+    labels: np.ndarray  # int64 [N]
+    source: Path  # the annotation file, for messages
+    normalized: bool = False  # boxes in [0, 1] image fractions (YOLO); scaled once the size is known
+
+
+class ImageFileDataset(DetectionDataset):
+    """Images on disk with parsed annotations: the shared half of the COCO/VOC/YOLO/CSV readers.
+
+    Subclasses parse their annotations into entries (``image path, boxes, labels``), reporting
+    problems through :meth:`_fail`, then call :meth:`_index`, which opens every image header (or
+    decodes it with ``verify_images=True``), clips boxes to the image and drops degenerate ones
+    (counted in ``num_boxes_clipped`` / ``num_boxes_dropped``), and stores everything in flat arrays
+    (cheap to share with DataLoader workers).
+
+    ``on_error="skip"`` skips (and records in ``skipped``) what is found bad while indexing; a file
+    that is corrupt only in its pixel data is found at indexing time only with
+    ``verify_images=True`` — otherwise ``__getitem__`` raises :class:`~fewsight.errors.DataError`
+    naming it.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        *,
+        transforms: Callable[..., Any] | None = None,
+        on_error: str = "raise",
+        verify_images: bool = False,
+        min_size: float = 1.0,
+    ) -> None:
+        super().__init__(classes, transforms=transforms)
+        check_choice("on_error", on_error, ON_ERROR)
+        if not min_size >= 0:
+            raise InvalidArgumentError(f"min_size: expected >= 0, got {min_size}")
+        self.on_error = on_error
+        self.verify_images = bool(verify_images)
+        self.min_size = float(min_size)
+        self._paths = np.array([], dtype=str)
+        self._sizes = np.zeros((0, 2), dtype=np.int64)
+        self._boxes = np.zeros((0, 4), dtype=np.float32)
+        self._labels = np.zeros((0,), dtype=np.int64)
+        self._offsets = np.zeros((1,), dtype=np.int64)
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _fail(self, path: str | Path, reason: str) -> None:
+        """Raise ``DataError(path, reason)``, or record the skip when ``on_error="skip"``."""
+        if self.on_error == "raise":
+            raise DataError(path, reason)
+        self.skipped.append(SkippedItem(Path(path), reason))
+
+    def _index(self, entries: Sequence[_Entry]) -> list[int]:
+        """Check images, sanitise boxes and store ``entries``; returns the positions of those kept."""
+        kept_at: list[int] = []
+        paths: list[str] = []
+        sizes: list[tuple[int, int]] = []
+        kept: list[_Entry] = []
+        for pos, e in enumerate(entries):
+            try:
+                size = read_image_size(e.image, full=self.verify_images)
+            except DataError as exc:
+                self._fail(exc.path, exc.reason)
+                continue
+            paths.append(str(e.image))
+            sizes.append(size)
+            kept.append(e)
+            kept_at.append(pos)
+
+        counts = np.array([len(e.labels) for e in kept], dtype=np.int64)
+        scaled = []
+        for e, (h, w) in zip(kept, sizes):
+            b = e.boxes.reshape(-1, 4).astype(np.float64)
+            scaled.append(b * np.array([w, h, w, h], dtype=np.float64) if e.normalized else b)
+        boxes = np.concatenate(scaled) if kept else np.zeros((0, 4))
+        labels = np.concatenate([e.labels.reshape(-1) for e in kept]) if kept else np.zeros((0,))
+        size_arr = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+
+        # One batched sanitize for the whole dataset: per-box image bounds, then drop degenerate rows.
+        b = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        hw = torch.as_tensor(np.repeat(size_arr, counts, axis=0), dtype=torch.float64).reshape(-1, 2)
+        lo = torch.minimum(b[:, :2], b[:, 2:])
+        hi = torch.maximum(b[:, :2], b[:, 2:])
+        bound = hw.flip(-1)  # (W, H) for (x, y)
+        clipped = torch.cat((torch.minimum(lo.clamp(min=0), bound), torch.minimum(hi.clamp(min=0), bound)), dim=1)
+        finite = torch.isfinite(b).all(dim=1)
+        result = sanitize_boxes(clipped, torch.as_tensor(labels, dtype=torch.int64), min_size=self.min_size)
+        repaired = finite & (clipped != b).any(dim=1) & result.keep
+        self.num_boxes_clipped += int(repaired.sum())
+        self.num_boxes_dropped += result.num_dropped
+
+        keep_np = result.keep.numpy()
+        owner = np.repeat(np.arange(len(kept)), counts)
+        new_counts = np.bincount(owner[keep_np], minlength=len(kept)).astype(np.int64)
+        self._paths = np.array(paths, dtype=str)
+        self._sizes = size_arr
+        self._boxes = result.boxes.to(torch.float32).numpy().reshape(-1, 4)
+        self._labels = result.labels.numpy().astype(np.int64) if result.labels is not None else np.zeros(0, np.int64)
+        self._offsets = np.concatenate(([0], np.cumsum(new_counts))).astype(np.int64)
+
+        if self.skipped or self.num_boxes_dropped or self.num_boxes_clipped:
+            first = f" (first: {self.skipped[0]})" if self.skipped else ""
+            logger.warning(
+                "%s: %d item(s) skipped%s, %d box(es) clipped, %d box(es) dropped",
+                type(self).__name__,
+                self.num_skipped,
+                first,
+                self.num_boxes_clipped,
+                self.num_boxes_dropped,
+            )
+        return kept_at
+
+    # -- access ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def image_path(self, index: int) -> Path:
+        """The image file of item ``index``."""
+        return Path(self._paths[self._check_index(index)])
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(H, W)`` of item ``index`` (from the image header)."""
+        h, w = self._sizes[self._check_index(index)]
+        return int(h), int(w)
+
+    def get_target(self, index: int) -> Target:
+        """The (untransformed) target of item ``index`` without decoding the image."""
+        i = self._check_index(index)
+        s, e = self._offsets[i], self._offsets[i + 1]
+        return {
+            "boxes": torch.from_numpy(self._boxes[s:e].copy()),
+            "labels": torch.from_numpy(self._labels[s:e].copy()),
+        }
+
+    def load(self, index: int) -> tuple[Tensor, Target]:
+        image = load_image(self._paths[index])
+        return image, self.get_target(index)

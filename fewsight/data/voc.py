@@ -1,0 +1,210 @@
+"""Pascal VOC XML annotations: :class:`VOCDataset` reader and :func:`write_voc` writer.
+
+VOC pixel coordinates are 1-based and inclusive; like detectron2 we convert them to pixel-edge
+xyxy with ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax`` (the writer does the inverse), so a
+box covering the whole ``W x H`` image reads ``(0, 0, W, H)``.
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from fewsight.data import save_image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> save_image(torch.zeros(3, 20, 30), root / "JPEGImages" / "a.png")
+    >>> _ = write_voc(root / "Annotations", ["a.png"], [(20, 30)],
+    ...               [{"boxes": torch.tensor([[0., 2., 11., 12.]]), "labels": torch.tensor([0])}], ["cat"])
+    >>> ds = VOCDataset(root, classes=["cat"])
+    >>> ds[0][1]["boxes"]
+    tensor([[ 0.,  2., 11., 12.]])
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewsight.data.dataset import ImageFileDataset, Target, _Entry
+from fewsight.errors import DataError, InvalidArgumentError
+
+__all__ = ["VOC_CLASSES", "VOCDataset", "write_voc"]
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+class _Parsed:
+    __slots__ = ("xml", "image", "boxes", "names")
+
+    def __init__(self, xml: Path, image: Path, boxes: list[list[float]], names: list[str]) -> None:
+        self.xml, self.image, self.boxes, self.names = xml, image, boxes, names
+
+
+class VOCDataset(ImageFileDataset):
+    """A Pascal VOC style folder: ``root/Annotations/*.xml`` and ``root/JPEGImages/<filename>``.
+
+    Args:
+        root: dataset folder.
+        image_set: optional name of a list ``root/ImageSets/Main/<image_set>.txt`` of image ids;
+            ``None`` reads every ``*.xml`` of ``ann_dir`` (sorted).
+        classes: class names in label order (e.g. :data:`VOC_CLASSES`); an object of another name
+            is an error naming the class and the file. ``None``: the sorted names found.
+        keep_difficult: keep objects flagged ``<difficult>1</difficult>`` (left out by default, as
+            VOC evaluation ignores them).
+        ann_dir, image_dir: sub-folders of ``root`` (or absolute paths).
+        transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
+
+    An XML without ``<object>`` is an image without objects (empty target). Errors
+    (:class:`~fewsight.errors.DataError` naming the file): a missing or malformed XML, an object
+    without a name or with a missing / non-numeric ``bndbox`` coordinate, an unknown class, a
+    missing or unreadable image.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_set: str | None = None,
+        classes: Sequence[str] | None = None,
+        keep_difficult: bool = False,
+        ann_dir: str | Path = "Annotations",
+        image_dir: str | Path = "JPEGImages",
+        transforms: Callable[..., Any] | None = None,
+        on_error: str = "raise",
+        verify_images: bool = False,
+        min_size: float = 1.0,
+    ) -> None:
+        root = Path(root)
+        self.root = root
+        ann_path = root / ann_dir
+        img_path = root / image_dir
+        # Classes may be inferred from the files, so parse first with a provisional base init.
+        super().__init__(
+            list(classes) if classes is not None else [],
+            transforms=transforms,
+            on_error=on_error,
+            verify_images=verify_images,
+            min_size=min_size,
+        )
+        if image_set is not None:
+            list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+            if not list_file.is_file():
+                raise DataError(list_file, "image-set list not found")
+            ids = [ln.split()[0] for ln in list_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            xml_files = [ann_path / f"{i}.xml" for i in ids]
+        else:
+            if not ann_path.is_dir():
+                raise DataError(ann_path, "annotation folder not found")
+            xml_files = sorted(ann_path.glob("*.xml"))
+
+        parsed: list[_Parsed] = []
+        for xml in xml_files:
+            try:
+                parsed.append(self._parse(xml, img_path, keep_difficult))
+            except DataError as exc:
+                self._fail(exc.path, exc.reason)
+
+        if classes is None:
+            self.classes = sorted({n for p in parsed for n in p.names})
+        label_of = {n: k for k, n in enumerate(self.classes)}
+        entries: list[_Entry] = []
+        for p in parsed:
+            unknown = [n for n in p.names if n not in label_of]
+            if unknown:
+                self._fail(p.xml, f"unknown class {unknown[0]!r} (known: {self.classes})")
+                continue
+            entries.append(
+                _Entry(
+                    p.image,
+                    np.asarray(p.boxes, dtype=np.float64).reshape(-1, 4),
+                    np.asarray([label_of[n] for n in p.names], dtype=np.int64),
+                    p.xml,
+                )
+            )
+        self._index(entries)
+
+    @staticmethod
+    def _parse(xml: Path, img_path: Path, keep_difficult: bool) -> _Parsed:
+        if not xml.is_file():
+            raise DataError(xml, "annotation file not found")
+        try:
+            tree = ET.parse(xml)
+        except ET.ParseError as exc:
+            raise DataError(xml, f"malformed XML ({exc})") from exc
+        ann = tree.getroot()
+        filename = (ann.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
+        boxes: list[list[float]] = []
+        names: list[str] = []
+        for k, obj in enumerate(ann.iter("object")):
+            name = (obj.findtext("name") or "").strip()
+            if not name:
+                raise DataError(xml, f"object {k}: missing <name>")
+            difficult = (obj.findtext("difficult") or "0").strip()
+            if difficult not in ("0", "") and not keep_difficult:
+                continue
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise DataError(xml, f"object {k} ({name}): missing <bndbox>")
+            coords = []
+            for tag in ("xmin", "ymin", "xmax", "ymax"):
+                text = bb.findtext(tag)
+                try:
+                    coords.append(float(text))  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    raise DataError(xml, f"object {k} ({name}): expected a number in <{tag}>, got {text!r}") from None
+            xmin, ymin, xmax, ymax = coords
+            boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
+            names.append(name)
+        return _Parsed(xml, img_path / filename, boxes, names)
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if math.isfinite(v) and v == int(v) else repr(float(v))
+
+
+def write_voc(
+    ann_dir: str | Path,
+    file_names: Sequence[str | Path],
+    image_sizes: Sequence[tuple[int, int]],
+    targets: Sequence[Target],
+    classes: Sequence[str],
+) -> list[Path]:
+    """Write one VOC XML per image (``<stem>.xml`` in ``ann_dir``); returns the written paths.
+
+    Boxes (pixel-edge xyxy) are stored as 1-based inclusive ``xmin = x1 + 1, ..., xmax = x2``.
+    """
+    if not len(file_names) == len(image_sizes) == len(targets):
+        raise InvalidArgumentError(
+            f"file_names, image_sizes, targets: expected equal lengths, got "
+            f"{len(file_names)}, {len(image_sizes)}, {len(targets)}"
+        )
+    ann_dir = Path(ann_dir)
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (name, (h, w), t) in enumerate(zip(file_names, image_sizes, targets)):
+        root = ET.Element("annotation")
+        ET.SubElement(root, "filename").text = Path(name).name
+        size = ET.SubElement(root, "size")
+        for tag, v in (("width", w), ("height", h), ("depth", 3)):
+            ET.SubElement(size, tag).text = str(int(v))
+        b = t["boxes"].detach().cpu().double().reshape(-1, 4).tolist()
+        lab = t["labels"].detach().cpu().reshape(-1).tolist()
+        for (x1, y1, x2, y2), k in zip(b, lab):
+            if not 0 <= int(k) < len(classes):
+                raise InvalidArgumentError(f"targets[{i}]['labels']: expected labels in [0, {len(classes)}), got {k}")
+            obj = ET.SubElement(root, "object")
+            ET.SubElement(obj, "name").text = str(classes[int(k)])
+            ET.SubElement(obj, "difficult").text = "0"
+            bb = ET.SubElement(obj, "bndbox")
+            for tag, v in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+                ET.SubElement(bb, tag).text = _fmt(v)
+        ET.indent(root)
+        path = ann_dir / f"{Path(name).stem}.xml"
+        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+        out.append(path)
+    return out
