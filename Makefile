@@ -29,6 +29,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/geometry.py
+	$(PY) bench/losses.py
+	$(PY) bench/losses_detection.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
