@@ -43,7 +43,7 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     """Convert ``Tensor[..., 4]`` boxes between ``"xyxy"``, ``"cxcywh"`` and ``"xywh"``.
 
     >>> box_convert(torch.tensor([1., 1., 2., 4.]), "cxcywh", "xyxy")
-    tensor([0., -1., 2., 3.])
+    tensor([ 0., -1.,  2.,  3.])
     """
     check_last_dim("boxes", boxes, 4)
     check_choice("in_fmt", in_fmt, BOX_FORMATS)
