@@ -1,27 +1,356 @@
-"""The ``fewsight`` command line."""
+"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``.
+
+Every command has ``--help``. Bad input (a missing or corrupt file, an unknown class, a bad config
+key, ...) prints one line ``fewsight <command>: <reason>`` on stderr and exits with status 1
+(argparse usage errors exit with 2). Long work shows rich progress bars (``--quiet`` hides them).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
+_PROG = "fewsight"
+
+
+class _ExportUnavailable(Exception):
+    """ONNX export is not provided by fewsight.models yet."""
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewsight", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train and evaluate DLDENet on the digits data (CPU, minutes)")
-    demo.add_argument("--out", default="runs/demo", help="output folder for metrics.json and detections.png")
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Few-shot object detection and metric learning with directional embeddings.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train and evaluate DLDENet on the digits data (CPU, minutes)",
+        description="Train DLDENet on handwritten-digit canvases (configs/demo.yaml), evaluate it on held-out "
+        "canvases and write OUT/metrics.json (map50, map, per class, timing) and OUT/detections.png.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--config", help="a YAML config to use instead of the built-in demo recipe")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set trainer.max_epochs=2 (repeatable)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    tr = sub.add_parser(
+        "train",
+        help="train a detector from a YAML config",
+        description="Train a detector from a YAML config (see fewsight.train.config): checkpoints each epoch, "
+        "best and last under OUT/checkpoints, logs, model.pt, metrics.json.",
+    )
+    tr.add_argument("--config", required=True, help="YAML config file")
+    tr.add_argument("--out", help="output folder (overrides out_dir)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt if present")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set optimizer.lr=0.005 (repeatable)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a trained detector on a dataset (COCO mAP)",
+        description="Evaluate a detector file (model.pt or a training checkpoint) on a dataset and print / write "
+        "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's.",
+    )
+    ev.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    ev.add_argument("--data", required=True,
+                    help="a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, or 'digits'")
+    ev.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
+                    help="dataset format (default: inferred from --data)")
+    ev.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+    ev.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser(
+        "predict",
+        help="detect objects in images (PNG + JSON per image)",
+        description="Run a detector on image files (or every image of a folder) and write OUT/<name>.png with the "
+        "boxes drawn, OUT/<name>.json and OUT/predictions.json.",
+    )
+    pr.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    pr.add_argument("--score-threshold", type=float, default=0.3, help="keep detections at least this score (0.3)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ex = sub.add_parser(
+        "export",
+        help="export a detector's inference graph to ONNX",
+        description="Export a detector file to ONNX (needs fewsight[onnx]).",
+    )
+    ex.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    ex.add_argument("--out", default="model.onnx", help="output .onnx file (default: model.onnx)")
+    ex.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
+                    help="input image size of the exported graph (default 128 128)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "demo":
-        print("fewsight demo: not built yet (the detectors and training pipeline are still to come)", file=sys.stderr)
-        return 2
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.4f}"
+
+    print(f"mAP50 {fmt(metrics.get('map50'))}  mAP {fmt(metrics.get('map'))}  mAP75 {fmt(metrics.get('map75'))}")
+    for name, vals in metrics.get("per_class", {}).items():
+        print(f"  {name:>12s}  AP50 {fmt(vals.get('ap50'))}  AP {fmt(vals.get('ap'))}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fewsight.train.demo import run_demo
+
+    metrics = run_demo(
+        args.out, config=args.config, overrides=args.overrides, threads=args.threads, progress=not args.quiet
+    )
+    _print_metrics(metrics)
+    print(f"total {metrics['total_seconds']:.1f} s; wrote {Path(args.out) / 'metrics.json'} and "
+          f"{Path(args.out) / 'detections.png'}")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fewsight.train import load_config, train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={json.dumps(str(args.out))}")
+    if args.resume:
+        overrides.append("checkpoint.resume=true")
+    if args.quiet:
+        overrides.append("trainer.progress_bar=false")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    if result.metrics is not None:
+        _print_metrics(result.metrics)
+    if result.model_path is not None:
+        print(f"model: {result.model_path}")
+    return 0
+
+
+def _infer_format(data: Path) -> str:
+    if data.is_file():
+        suffix = data.suffix.lower()
+        if suffix == ".json":
+            return "coco"
+        if suffix == ".csv":
+            return "csv"
+        raise FileNotFoundError(f"{data}: cannot tell the dataset format from the file name; pass --format")
+    if data.is_dir():
+        if (data / "Annotations").is_dir():
+            return "voc"
+        return "yolo"
+    raise FileNotFoundError(f"{data}: no such file or folder")
+
+
+class _Relabeled:
+    """A dataset whose labels are re-indexed into the model's classes (by name)."""
+
+    def __init__(self, dataset: Any, lookup: Any, classes: list[str]) -> None:
+        self.dataset, self.lookup, self.classes = dataset, lookup, classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        image, target = self.dataset[index]
+        return image, {**target, "labels": self.lookup[target["labels"]]}
+
+
+def _relabel(dataset: Any, classes: list[str], source: Path) -> Any:
+    """Map a reader's own class names onto the model's (a file may hold a subset of them)."""
+    import torch
+
+    from fewsight.errors import DataError
+
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        raise DataError(source, f"unknown class(es) {unknown} (the model knows {classes})")
+    lookup = torch.tensor([classes.index(c) for c in dataset.classes], dtype=torch.int64)
+    return _Relabeled(dataset, lookup, list(classes))
+
+
+def _eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:
+    from fewsight import data as fd
+    from fewsight.errors import InvalidArgumentError
+
+    fmt = args.format or ("digits" if args.data == "digits" else _infer_format(Path(args.data)))
+    if fmt == "digits":
+        return fd.DigitsDataset("test", args.num_images, classes=classes, seed=1)
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if fmt == "coco":
+        return _relabel(fd.COCODataset(path, args.images), classes, path)
+    if fmt == "csv":
+        return fd.CSVDataset(path, image_dir=args.images, classes=classes)
+    if fmt == "voc":
+        return fd.VOCDataset(path, classes=classes)
+    if fmt == "yolo":
+        image_dir = path / "images" if (path / "images").is_dir() else path
+        return fd.YOLODataset(image_dir, classes=classes)
+    raise InvalidArgumentError(f"--format: expected coco, voc, yolo, csv or digits, got {fmt!r}")  # pragma: no cover
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fewsight.errors import DataError
+    from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
+    from fewsight.train import load_detector
+
+    model = load_detector(args.checkpoint)
+    classes = list(model.classes)
+    dataset = _eval_dataset(args, classes)
+    if len(dataset) == 0:
+        raise DataError(args.data, "the dataset has no images")
+    metrics, predictions = evaluate_model(
+        model, dataset, args.batch_size, class_names=classes, progress=not args.quiet, pr_curves=bool(args.out),
+        return_predictions=True,
+    )
+    curves = metrics.pop("pr_curves", None)
+    _print_metrics(metrics)
+    if args.out:
+        out = Path(args.out)
+        write_json(metrics, out / "metrics.json")
+        if curves is not None:
+            plot_precision_recall(curves, path=out / "pr_curve.png")
+        n = min(8, len(dataset))
+        samples = [dataset[i] for i in range(n)]
+        plot_detection_grid([s[0] for s in samples], predictions[:n], [s[1] for s in samples], classes,
+                            out / "detections.png")
+        print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _image_files(inputs: Sequence[str]) -> list[Path]:
+    from fewsight.data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                raise FileNotFoundError(f"{p}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fewsight.data import load_image
+    from fewsight.eval import detections_to_json, plot_detections, predict, write_json
+    from fewsight.train import load_detector
+
+    files = _image_files(args.images)
+    images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
+    model = load_detector(args.checkpoint)
+    classes = list(model.classes)
+    predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    used: set[str] = set()
+    for f, image, pred in zip(files, images, predictions):
+        keep = pred["scores"] >= args.score_threshold
+        kept = {k: v[keep] for k, v in pred.items()}
+        name = f.stem
+        k = 1
+        while name in used:
+            name = f"{f.stem}_{k}"
+            k += 1
+        used.add(name)
+        dets = detections_to_json(kept, classes)
+        plot_detections(image, kept, None, classes, out / f"{name}.png", score_threshold=args.score_threshold)
+        write_json({"image": str(f), "detections": dets}, out / f"{name}.json")
+        summary.append({"image": str(f), "output": f"{name}.png", "detections": dets})
+        print(f"{f}: {len(dets)} detection(s)")
+    write_json({"classes": classes, "score_threshold": args.score_threshold, "images": summary},
+               out / "predictions.json")
+    print(f"wrote {len(files)} image(s) to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fewsight.train import load_detector
+
+    try:
+        from fewsight.models import export_onnx  # type: ignore[attr-defined]
+    except ImportError:
+        raise _ExportUnavailable(
+            "ONNX export is not available in this fewsight build (fewsight.models has no export_onnx); nothing was written"
+        ) from None
+    model = load_detector(args.checkpoint)
+    info = export_onnx(model, args.out, image_size=tuple(args.image_size), opset=args.opset)
+    h, w = args.image_size
+    print(f"wrote {args.out} ({type(model).__name__}, input [B, 3, {h}, {w}], "
+          f"{len(getattr(info, 'classes', model.classes))} classes)")
+    return 0
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "predict": _cmd_predict,
+    "export": _cmd_export,
+}
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # one line
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fewsight`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    from fewsight.errors import FewsightError
+
+    if getattr(args, "quiet", False):
+        import logging
+
+        import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: import first)
+
+        # Lightning's "GPU available", "Trainer.fit stopped" ... info lines.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    start = time.perf_counter()
+    try:
+        return _COMMANDS[args.command](args)
+    except (FewsightError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            _ExportUnavailable) as exc:
+        print(f"{_PROG} {args.command}: {_reason(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG} {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

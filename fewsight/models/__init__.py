@@ -10,6 +10,12 @@ from fewsight.models.backbones import (
     offline_weights_path,
 )
 from fewsight.models.fpn import FPN
+from fewsight.models.detector import DenseDetector
+from fewsight.models.heads import DLDENetHead, RetinaNetHead
+from fewsight.models.retinanet import RetinaNet
+from fewsight.models.dldenet import DirectionalClassifier, DLDENet
+from fewsight.models.ssd import SSD, DefaultBoxGenerator, SSDHead
+from fewsight.models.export import OnnxDetector, OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
 
 __all__: list[str] = [
     "BACKBONES",
@@ -20,4 +26,18 @@ __all__: list[str] = [
     "build_backbone",
     "freeze_batchnorm",
     "offline_weights_path",
+    "DenseDetector",
+    "DLDENetHead",
+    "RetinaNetHead",
+    "RetinaNet",
+    "DirectionalClassifier",
+    "DLDENet",
+    "SSD",
+    "DefaultBoxGenerator",
+    "SSDHead",
+    "OnnxDetector",
+    "OnnxExportInfo",
+    "export_onnx",
+    "postprocess_onnx_outputs",
+    "read_onnx_info",
 ]

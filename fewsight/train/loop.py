@@ -1,0 +1,293 @@
+"""``train(config)``: datasets, detector, Lightning ``Trainer``, checkpoints, final evaluation.
+
+Outputs under ``config.out_dir``::
+
+    config.yaml                 the resolved configuration
+    checkpoints/epoch=NNN.ckpt  every ``checkpoint.every_n_epochs`` epochs (``checkpoint.keep`` newest)
+    checkpoints/last.ckpt       the latest (what ``checkpoint.resume: true`` continues from)
+    checkpoints/best.ckpt       the best by ``checkpoint.monitor`` (``val/map50``), when there is a val set
+    logs/metrics.csv            every logged value (TensorBoard too with ``trainer.loggers: [csv, tensorboard]``)
+    model.pt                    the final detector (:func:`~fewsight.train.save_detector`)
+    metrics.json                evaluation of the final model on ``data.test`` (else ``data.val``)
+    detections.png, pr_curve.png
+
+Reproducibility: ``lightning.seed_everything(seed, workers=True)`` before the model is built, the
+data order and augmentation of each sample fixed by ``(seed, epoch, index)``
+(:mod:`fewsight.train.data`), and the global RNGs re-seeded from ``(seed, epoch)`` at every epoch
+start. A run interrupted at any point and resumed with ``checkpoint.resume: true`` (Lightning's
+``ckpt_path="last"``; the interrupted epoch restarts from its beginning) ends with the same weights
+and metrics as an uninterrupted run on the same hardware. Checkpoints are written atomically and
+read with ``weights_only=True`` (:class:`~fewsight.train.checkpoint.AtomicCheckpointIO`).
+
+Distribution is Lightning's: ``trainer.strategy: ddp`` with ``trainer.devices`` / ``num_nodes``.
+
+Example:
+    >>> import tempfile  # doctest: +SKIP
+    >>> result = train({"out_dir": tempfile.mkdtemp(), "data": {"train": {"type": "digits", "num_images": 8}},
+    ...                 "model": {"name": "retinanet"}, "trainer": {"max_epochs": 1}})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from torch import nn
+
+from fewsight.errors import CheckpointError, ConfigError, MissingDependencyError
+from fewsight.eval.evaluate import evaluate_model
+from fewsight.eval.io import write_json
+from fewsight.eval.plots import plot_detection_grid, plot_precision_recall
+from fewsight.train.builders import build_datasets, build_model, model_spec
+from fewsight.train.checkpoint import AtomicCheckpointIO, save_detector
+from fewsight.train.config import TrainConfig, load_config, save_config
+from fewsight.train.data import DetectionDataModule, sample_seed
+from fewsight.train.module import DetectorModule
+
+__all__ = ["EpochSeed", "TrainResult", "build_trainer", "train"]
+
+log = logging.getLogger("fewsight.train")
+
+
+class EpochSeed(Callback):
+    """Re-seed torch / numpy / random from ``(seed, epoch)`` at every training epoch start, so an
+    epoch's randomness does not depend on what ran before it (a resumed run's restore, the sanity
+    check, ...)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = sample_seed(self.seed, trainer.current_epoch, -2)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % (2**32))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced (paths are ``None`` when not written, e.g. on DDP ranks > 0)."""
+
+    model: nn.Module
+    out_dir: Path
+    metrics: dict[str, Any] | None = None
+    val_metrics: dict[str, Any] | None = None
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+    model_path: Path | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _loggers(cfg: TrainConfig, out_dir: Path) -> list[Any]:
+    loggers: list[Any] = []
+    for name in cfg.trainer.loggers:
+        if name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(save_dir=str(out_dir), name="", version="logs"))
+        elif name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                try:
+                    import tensorboardX  # noqa: F401
+                except ImportError:
+                    raise MissingDependencyError(
+                        "trainer.loggers: 'tensorboard' needs the tensorboard package: pip install tensorboard"
+                    ) from None
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="", version="tensorboard"))
+    return loggers
+
+
+def build_trainer(cfg: TrainConfig, out_dir: Path, *, has_val: bool, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``cfg`` with fewsight's checkpointing, seeding and progress bar."""
+    t = cfg.trainer
+    ckpt_dir = out_dir / "checkpoints"
+    every = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="epoch={epoch:03d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+        save_top_k=cfg.checkpoint.keep,
+        monitor="epoch" if cfg.checkpoint.keep > 0 else None,
+        mode="max",
+        save_last=True,
+        # Every epoch even when validation runs less often; after validation and the module's
+        # epoch-end hooks, so a resumed run restarts exactly at the next epoch.
+        save_on_train_epoch_end=True,
+    )
+    cbs: list[Callback] = [every, EpochSeed(cfg.seed)]
+    if has_val:
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor=cfg.checkpoint.monitor,
+                mode=cfg.checkpoint.mode,
+                save_top_k=1,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+            )
+        )
+    if t.progress_bar:
+        cbs.append(RichProgressBar(leave=True))
+    loggers = _loggers(cfg, out_dir)
+    if loggers:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    cbs.extend(callbacks)
+    kwargs: dict[str, Any] = {}
+    if t.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = t.limit_train_batches
+    if t.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = t.limit_val_batches
+    if not has_val:
+        kwargs["limit_val_batches"] = 0
+    return L.Trainer(
+        default_root_dir=str(out_dir),
+        max_epochs=t.max_epochs,
+        precision=t.precision,  # type: ignore[arg-type]
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm=t.gradient_clip_algorithm,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        num_sanity_val_steps=t.num_sanity_val_steps if has_val else 0,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=t.progress_bar,
+        callbacks=cbs,
+        logger=loggers if loggers else False,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        **kwargs,
+    )
+
+
+def _resume_path(cfg: TrainConfig) -> str | None:
+    resume = cfg.checkpoint.resume
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "last":
+        return "last"
+    path = Path(str(resume))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found (checkpoint.resume)")
+    return str(path)
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[Callback] = (),
+    evaluate: bool = True,
+) -> TrainResult:
+    """Train the detector described by ``config`` (a :class:`TrainConfig`, a mapping or a YAML path).
+
+    ``overrides``: ``"key.path=value"`` strings applied to a mapping / file config. ``callbacks``:
+    extra Lightning callbacks. ``evaluate``: evaluate the final model and write ``metrics.json``
+    and the figures (global rank 0 only). See the module docstring for the outputs.
+    """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    if isinstance(config, TrainConfig) and overrides:
+        raise ConfigError("overrides: only for a mapping or a YAML file config, not a TrainConfig")
+    start = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
+    ckpt_path = _resume_path(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    train_set, val_set, test_set = build_datasets(cfg.data)
+    model = build_model(cfg.model, train_set.classes)
+    spec = model_spec(model)
+    module = DetectorModule(
+        model, optimizer=cfg.optimizer, schedule=cfg.schedule, class_names=list(train_set.classes), model_spec=spec
+    )
+    datamodule = DetectionDataModule(
+        train_set,
+        val_set,
+        batch_size=cfg.data.batch_size,
+        val_batch_size=cfg.data.val_batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+    )
+    trainer = build_trainer(cfg, out_dir, has_val=val_set is not None, callbacks=callbacks)
+    if trainer.is_global_zero:
+        save_config(cfg, out_dir / "config.yaml")
+    with warnings.catch_warnings():
+        # Expected here (num_workers=0 on small data, frozen backbone stages kept in eval mode,
+        # resuming into the run's own folders, a Lightning-internal deprecation): only noise for users.
+        for message in (
+            ".*does not have many workers.*",
+            ".*number of training batches.*smaller than the logging interval.*",
+            ".*module\\(s\\) in eval mode at the start of training.*",
+            ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ):
+            warnings.filterwarnings("ignore", message=message)
+        if ckpt_path is not None:
+            warnings.filterwarnings("ignore", message=".*(Checkpoint|Experiment logs) directory.*exists and is not empty.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    result = TrainResult(model=module.model, out_dir=out_dir, val_metrics=module.last_val_metrics)
+    every = trainer.checkpoint_callbacks[0] if trainer.checkpoint_callbacks else None
+    if isinstance(every, ModelCheckpoint) and every.last_model_path:
+        result.last_checkpoint = Path(every.last_model_path)
+    best = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor == cfg.checkpoint.monitor]
+    if best and best[0].best_model_path:
+        result.best_checkpoint = Path(best[0].best_model_path)
+    if not trainer.is_global_zero:
+        return result
+
+    result.model_path = save_detector(module.model, out_dir / "model.pt", spec=spec, metadata={"epochs": trainer.current_epoch})
+    train_seconds = time.perf_counter() - start
+    if evaluate and (test_set is not None or val_set is not None):
+        eval_set = test_set if test_set is not None else val_set
+        metrics, predictions = evaluate_model(
+            module.model,
+            eval_set,
+            cfg.data.val_batch_size or cfg.data.batch_size,
+            class_names=list(train_set.classes),
+            progress=cfg.trainer.progress_bar,
+            pr_curves=cfg.eval.pr_curves,
+            return_predictions=True,
+        )
+        curves = metrics.pop("pr_curves", None)
+        metrics["split"] = "test" if test_set is not None else "val"
+        metrics["train_seconds"] = train_seconds
+        metrics["epochs"] = trainer.current_epoch
+        write_json(metrics, out_dir / "metrics.json")
+        if curves is not None:
+            plot_precision_recall(curves, path=out_dir / "pr_curve.png")
+        n = min(cfg.eval.plot_images, len(eval_set))
+        if n > 0:
+            samples = [eval_set[i] for i in range(n)]
+            plot_detection_grid(
+                [s[0] for s in samples],
+                predictions[:n],
+                [s[1] for s in samples],
+                list(train_set.classes),
+                out_dir / "detections.png",
+                score_threshold=cfg.eval.score_threshold,
+            )
+        result.metrics = metrics
+    result.seconds = time.perf_counter() - start
+    return result
