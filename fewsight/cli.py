@@ -1,4 +1,4 @@
-"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``.
+"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``, ``enroll``, ``bench``.
 
 Every command has ``--help``. Bad input (a missing or corrupt file, an unknown class, a bad config
 key, ...) prints one line ``fewsight <command>: <reason>`` on stderr and exits with status 1
@@ -100,6 +100,53 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
                     help="input image size of the exported graph (default 128 128)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
+    en = sub.add_parser(
+        "enroll",
+        help="add classes to a DLDENet from a few boxed examples (no training)",
+        description="Enroll new classes into a DLDENet detector file from boxed examples, without gradient steps, "
+        "and write a detector file that detects them (use it with predict / eval). Each new class's direction is "
+        "the mean embedding of the anchors matched to its boxes.",
+    )
+    en.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
+    en.add_argument("--support", required=True,
+                    help="boxed examples: a COCO .json, a CSV file, a VOC folder, a YOLO image folder, or 'digits'")
+    en.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
+                    help="support data format (default: inferred from --support)")
+    en.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+    en.add_argument("--classes", nargs="+", metavar="NAME",
+                    help="support classes to enroll (default: every class the model does not know; digits: 8 9)")
+    en.add_argument("--shots", type=int, help="use K sampled examples per class (default: every box)")
+    en.add_argument("--seed", type=int, default=0, help="seed of the --shots sample (default 0)")
+    en.add_argument("--out", required=True, help="output detector file (.pt)")
+
+    be = sub.add_parser(
+        "bench",
+        help="benchmarks: the few-shot protocol",
+        description="Run a benchmark protocol and write OUT/results.json and a plot.",
+    )
+    bsub = be.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    fs = bsub.add_parser(
+        "fewshot",
+        help="k-shot enrollment (+ fine-tuning) of novel classes: novel / base AP50, mean ± 95%% interval",
+        description="The few-shot protocol: for each k and seed, sample k boxed examples per novel class, enroll "
+        "them (and, with --modes finetune, fine-tune briefly on a balanced k-shot set), evaluate novel and base "
+        "AP50 on the test set; writes OUT/results.json and OUT/fewshot.png.",
+    )
+    fs.add_argument("--checkpoint", required=True, help="a DLDENet trained on the base classes")
+    fs.add_argument("--data", default="digits", choices=("digits",),
+                    help="benchmark data: digits (base 0-7, novel 8-9; default)")
+    fs.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="k values (default 1 5 10)")
+    fs.add_argument("--seeds", type=int, default=5, help="support sets per k (seeds 0..N-1; default 5)")
+    fs.add_argument("--modes", nargs="+", default=["enroll"], choices=("enroll", "finetune"),
+                    help="enroll only, and/or enroll + fine-tune (default: enroll)")
+    fs.add_argument("--finetune-steps", type=int, default=50)
+    fs.add_argument("--finetune-lr", type=float, default=1e-4)
+    fs.add_argument("--num-images", type=int, default=200, help="test images (default 200)")
+    fs.add_argument("--batch-size", type=int, default=16)
+    fs.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    fs.add_argument("--out", default="runs/fewshot", help="output folder (default: runs/fewshot)")
+    fs.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -308,12 +355,91 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_dldenet(path: str) -> Any:
+    from fewsight.errors import InvalidArgumentError
+    from fewsight.train import load_detector
+
+    model = load_detector(path)
+    if not hasattr(model, "enroll"):
+        raise InvalidArgumentError(f"--checkpoint: expected a DLDENet (the detector that enrolls classes), got {type(model).__name__}")
+    return model
+
+
+def _support_dataset(args: argparse.Namespace) -> Any:
+    from fewsight import data as fd
+
+    fmt = args.format or ("digits" if args.support == "digits" else _infer_format(Path(args.support)))
+    if fmt == "digits":
+        return fd.DigitsDataset("train", 200, seed=100)
+    path = Path(args.support)
+    if fmt == "coco":
+        return fd.COCODataset(path, args.images)
+    if fmt == "csv":
+        return fd.CSVDataset(path, image_dir=args.images)
+    if fmt == "voc":
+        return fd.VOCDataset(path)
+    image_dir = path / "images" if (path / "images").is_dir() else path
+    return fd.YOLODataset(image_dir)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from fewsight.eval import enroll_from_dataset
+    from fewsight.train import save_detector
+
+    model = _load_dldenet(args.checkpoint)
+    support = _support_dataset(args)
+    names = args.classes
+    if names is None and (args.format == "digits" or args.support == "digits"):
+        names = ["8", "9"]
+    before = list(model.classes)
+    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed)
+    added = [model.classes[i] for i in new]
+    save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
+                                             "seed": args.seed, "base_classes": before})
+    print(f"enrolled {', '.join(added)} ({'every box' if args.shots is None else f'{args.shots} per class'}); "
+          f"the model now has {len(model.classes)} classes; wrote {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewsight import data as fd
+    from fewsight.eval import plot_fewshot, run_fewshot, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load_dldenet(args.checkpoint)
+    support = fd.DigitsDataset("train", 300, seed=100)
+    test = fd.DigitsDataset("test", args.num_images, seed=1)
+    novel = [c for c, name in enumerate(test.classes) if name not in model.classes]
+    result = run_fewshot(
+        model, support_dataset=support, test_dataset=test, novel_classes=novel, shots=args.shots,
+        seeds=range(args.seeds), modes=args.modes, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        batch_size=args.batch_size, progress=not args.quiet, log=print,
+    )
+    out = Path(args.out)
+    payload = {"data": args.data, "checkpoint": str(args.checkpoint), "novel": [test.classes[c] for c in novel],
+               "threads": torch.get_num_threads(), **result.to_dict()}
+    write_json(payload, out / "results.json")
+    plot_fewshot(result.summary(), out / "fewshot.png", base_before=result.base_before["ap50"],
+                 title=f"Few-shot detection on {args.data}")
+    print(f"base AP50 before enrollment {result.base_before['ap50']:.4f}")
+    for row in result.summary():
+        print(f"{row['mode']:8s} k={row['k']:<3d} novel AP50 {row['novel_ap50']:.4f} ± {row['novel_ap50_ci95']:.4f}  "
+              f"base AP50 {row['base_ap50']:.4f} ± {row['base_ap50_ci95']:.4f}  ({row['seeds']} seeds)")
+    print(f"wrote {out / 'results.json'} and {out / 'fewshot.png'}")
+    return 0
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
     "eval": _cmd_eval,
     "predict": _cmd_predict,
     "export": _cmd_export,
+    "enroll": _cmd_enroll,
+    "bench": _cmd_bench,
 }
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fewsight.errors import InvalidArgumentError, ShapeError
 
-__all__ = ["draw_detections", "plot_detection_grid", "plot_detections", "plot_precision_recall"]
+__all__ = ["draw_detections", "plot_detection_grid", "plot_detections", "plot_fewshot", "plot_precision_recall"]
 
 _PRED_COLOR = "#ff3b30"
 _GT_COLOR = "#34c759"
@@ -206,5 +206,45 @@ def plot_precision_recall(
     ax.grid(alpha=0.3)
     if curves["precision"]:
         ax.legend(fontsize=6, loc="lower left", ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_fewshot(
+    summary: Sequence[Mapping[str, Any]],
+    path: str | Path | None = None,
+    *,
+    base_before: float | None = None,
+    title: str = "Few-shot detection",
+) -> Figure:
+    """Novel (solid) and base (dashed) AP50 against ``k`` with 95% intervals, one colour per mode.
+
+    ``summary``: rows of :meth:`fewsight.eval.fewshot.FewShotResult.summary` (``mode``, ``k``,
+    ``novel_ap50``, ``novel_ap50_ci95``, ``base_ap50``, ``base_ap50_ci95``); ``base_before``: base AP50
+    of the model before enrollment (a grey line).
+    """
+    fig = Figure(figsize=(5.0, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    modes = list(dict.fromkeys(r["mode"] for r in summary))
+    for i, mode in enumerate(modes):
+        rows = sorted((r for r in summary if r["mode"] == mode), key=lambda r: r["k"])
+        ks = [r["k"] for r in rows]
+        color = f"C{i}"
+        ax.errorbar(ks, [r["novel_ap50"] for r in rows], yerr=[r["novel_ap50_ci95"] for r in rows], color=color,
+                    marker="o", capsize=3, label=f"novel, {mode}")
+        ax.errorbar(ks, [r["base_ap50"] for r in rows], yerr=[r["base_ap50_ci95"] for r in rows], color=color,
+                    marker="s", linestyle="--", capsize=3, label=f"base, {mode}")
+    if base_before is not None:
+        ax.axhline(base_before, color="0.5", linewidth=1, label="base, before enrollment")
+    ax.set_xscale("log")
+    ks = sorted({r["k"] for r in summary})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("shots per novel class (k)")
+    ax.set_ylabel("AP50")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)

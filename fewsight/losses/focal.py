@@ -17,13 +17,18 @@ Both run through an autograd function with a closed-form gradient: only the logi
 targets, or for the detection form the ``Long[B, A]`` labels) are kept for backward, instead of
 the five or six ``[B, A, C]`` intermediates an autograd composition holds. The detection form
 never builds a one-hot tensor (the one positive entry per anchor is patched on a gathered
-vector) and works through row chunks with in-place ops, so its temporaries stay small. Everything is
+vector) and works through row chunks with in-place ops, so its temporaries stay small. A fused
+variant (:class:`_FocalSumWithGrad`, used by :func:`fewsight.models.detector.detection_focal_loss`)
+computes the summed loss and its gradient in the same chunked pass. Everything is
 computed from ``softplus``/``sigmoid`` of the logits (never the log of a clamped probability), so
 logits of +-100 give exact, finite values; fp16/bf16 logits are computed in float32 and the loss
 is returned in float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +92,7 @@ def _soft_grad(x: Tensor, t: Tensor, alpha: float | None, gamma: float) -> Tenso
 # [B, A, C] buffer costs more in page faults than the arithmetic, and chunks stay in cache.
 
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU: the temporaries stay in cache and in the heap
+_FUSED_CPU_CHUNK = 1 << 19  # the same for the fused value-and-gradient pass
 _ACCEL_CHUNK = 1 << 24  # elsewhere: few kernel launches, temporaries bounded to 64 MiB each
 
 
@@ -98,6 +104,13 @@ def _softplus_from_sigmoid(x: Tensor, s: Tensor) -> Tensor:
     """
     log_s_abs = (s - 0.5).abs_().add_(0.5).log_()
     return torch.clamp(x, min=0).sub_(log_s_abs)
+
+
+def _neg_grad_factor(sp: Tensor, s: Tensor, gamma: float, out: Tensor | None = None) -> Tensor:
+    """``s + gamma * softplus(x) * (1 - s)`` (into ``out`` when given, which must not be ``sp`` or ``s``)."""
+    out = torch.mul(sp, s, out=out)
+    torch.sub(sp, out, out=out)  # softplus(x) * (1 - s)
+    return out.mul_(gamma).add_(s)
 
 
 def _neg_focal_(x: Tensor, alpha: float | None, gamma: float) -> Tensor:
@@ -115,8 +128,7 @@ def _neg_focal_grad_(x: Tensor, alpha: float | None, gamma: float) -> Tensor:
     if gamma == 0.0:
         grad = s
     else:
-        grad = _softplus_from_sigmoid(x, s)
-        grad.mul_(1.0 - s).mul_(gamma).add_(s)
+        grad = _neg_grad_factor(_softplus_from_sigmoid(x, s), s, gamma)
         grad.mul_(s.square_() if gamma == 2.0 else s.pow_(gamma))
     if alpha is not None:
         grad.mul_(1.0 - alpha)
@@ -136,10 +148,49 @@ def _pos_focal_grad(x: Tensor, alpha: float | None, gamma: float) -> Tensor:
     return -grad if alpha is None else -alpha * grad
 
 
-def _chunks(x2: Tensor) -> range:
-    rows = x2.shape[0]
-    per_chunk = _CPU_CHUNK if x2.device.type == "cpu" else _ACCEL_CHUNK
-    return range(0, rows, max(1, per_chunk // max(1, x2.shape[1])))
+def _chunk_rows(x2: Tensor, cpu_chunk: int | None = None) -> int:
+    """Rows per chunk for a row-wise pass over ``Tensor[N, C]`` (``cpu_chunk`` elements on CPU)."""
+    per_chunk = (_CPU_CHUNK if cpu_chunk is None else cpu_chunk) if x2.device.type == "cpu" else _ACCEL_CHUNK
+    return max(1, per_chunk // max(1, x2.shape[1]))
+
+
+class _LabelChunk(NamedTuple):
+    rows: slice  # rows of the flattened ``[N, C]`` logits
+    x: Tensor  # Tensor[n, C] logits in the compute dtype
+    valid: Tensor  # Bool[n, 1]: rows that contribute
+    pos: Tensor  # Bool[n]: rows with a positive target
+    col: Tensor  # Long[n, 1]: the target column (0 where not positive)
+
+
+def _label_chunks(
+    logits: Tensor, labels: Tensor, valid: Tensor, work: torch.dtype, cpu_chunk: int | None = None
+) -> Iterator[_LabelChunk]:
+    x2 = logits.reshape(-1, logits.shape[-1])
+    lab, val = labels.reshape(-1), valid.reshape(-1)
+    step = _chunk_rows(x2, cpu_chunk)
+    for start in range(0, x2.shape[0], step):
+        rows = slice(start, min(start + step, x2.shape[0]))
+        lab_c = lab[rows]
+        yield _LabelChunk(rows, x2[rows].to(work), val[rows].unsqueeze(1), lab_c >= 0, lab_c.clamp(min=0).unsqueeze(1))
+
+
+def _patch_positive_(dense: Tensor, chunk: _LabelChunk, values: Tensor) -> Tensor:
+    """Writes ``values`` (``Tensor[n]``) at the target column of the positive rows of ``dense``, in place."""
+    kept = dense.gather(1, chunk.col).squeeze(1)
+    return dense.scatter_(1, chunk.col, torch.where(chunk.pos, values, kept).unsqueeze(1))
+
+
+def _one_hot_focal(
+    chunk: _LabelChunk,
+    neg: Callable[[Tensor, float | None, float], Tensor],
+    pos: Callable[[Tensor, float | None, float], Tensor],
+    alpha: float | None,
+    gamma: float,
+) -> Tensor:
+    """Loss (``neg=_neg_focal_, pos=_pos_focal``) or gradient (the ``_grad`` pair) of one chunk, ``Tensor[n, C]``."""
+    out = neg(chunk.x, alpha, gamma)
+    _patch_positive_(out, chunk, pos(chunk.x.gather(1, chunk.col).squeeze(1), alpha, gamma))
+    return out.masked_fill_(~chunk.valid, 0.0)
 
 
 class _LabelFocal(torch.autograd.Function):
@@ -152,55 +203,80 @@ class _LabelFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, valid, alpha, gamma, total):  # type: ignore[override]
         work = compute_dtype(logits.dtype)
-        num_classes = logits.shape[-1]
-        x2 = logits.reshape(-1, num_classes)
-        lab, val = labels.reshape(-1), valid.reshape(-1)
         ctx.save_for_backward(logits, labels, valid)
         ctx.alpha, ctx.gamma, ctx.total = alpha, gamma, total
-        out = x2.new_zeros((), dtype=work) if total else x2.new_empty(x2.shape, dtype=work)
-        chunks = _chunks(x2)
-        for start in chunks:
-            stop = min(start + chunks.step, x2.shape[0])
-            x = x2[start:stop].to(work)
-            loss = _neg_focal_(x, alpha, gamma)
-            pos = lab[start:stop] >= 0
-            col = lab[start:stop].clamp(min=0).unsqueeze(1)
-            xp = x.gather(1, col).squeeze(1)
-            loss.scatter_(1, col, torch.where(pos, _pos_focal(xp, alpha, gamma), loss.gather(1, col).squeeze(1)).unsqueeze(1))
-            loss.masked_fill_(~val[start:stop].unsqueeze(1), 0.0)
+        out = logits.new_zeros((), dtype=work) if total else logits.new_empty(logits.shape, dtype=work)
+        for chunk in _label_chunks(logits, labels, valid, work):
+            loss = _one_hot_focal(chunk, _neg_focal_, _pos_focal, alpha, gamma)
             if total:
                 out = out + loss.sum()
             else:
-                out[start:stop] = loss
-        return out if total else out.view(logits.shape)
+                out.view(-1, logits.shape[-1])[chunk.rows] = loss
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         logits, labels, valid = ctx.saved_tensors
-        alpha, gamma = ctx.alpha, ctx.gamma
         work = compute_dtype(logits.dtype)
         num_classes = logits.shape[-1]
-        x2 = logits.reshape(-1, num_classes)
-        lab, val = labels.reshape(-1), valid.reshape(-1)
         g_out = grad_out.to(work) if ctx.total else grad_out.reshape(-1, num_classes)
-        grad = torch.empty_like(x2)
-        chunks = _chunks(x2)
-        for start in chunks:
-            stop = min(start + chunks.step, x2.shape[0])
-            x = x2[start:stop].to(work)
-            g = _neg_focal_grad_(x, alpha, gamma)
-            pos = lab[start:stop] >= 0
-            col = lab[start:stop].clamp(min=0).unsqueeze(1)
-            gp = _pos_focal_grad(x.gather(1, col).squeeze(1), alpha, gamma)
-            g.scatter_(1, col, torch.where(pos, gp, g.gather(1, col).squeeze(1)).unsqueeze(1))
-            g.masked_fill_(~val[start:stop].unsqueeze(1), 0.0)
-            scale = g_out if ctx.total else g_out[start:stop]
+        grad = logits.new_empty(logits.shape)
+        grad2 = grad.view(-1, num_classes)
+        for chunk in _label_chunks(logits, labels, valid, work):
+            g = _one_hot_focal(chunk, _neg_focal_grad_, _pos_focal_grad, ctx.alpha, ctx.gamma)
+            scale = g_out if ctx.total else g_out[chunk.rows]
             if grad.dtype == work:
-                torch.mul(g, scale, out=grad[start:stop])  # straight into the result: no extra copy
+                torch.mul(g, scale, out=grad2[chunk.rows])  # straight into the result: no extra copy
             else:
-                grad[start:stop] = g.mul_(scale)
-        return grad.view(logits.shape), None, None, None, None, None
+                grad2[chunk.rows] = g.mul_(scale)
+        return grad, None, None, None, None, None
+
+
+class _FocalSumWithGrad(torch.autograd.Function):
+    """Sum of the detection focal loss whose gradient is computed in the same chunked pass.
+
+    ``apply(logits: Tensor[..., C], labels: Long[...], alpha, gamma) -> Tensor[]``: labels as in
+    :func:`focal_loss_detection` (``< BACKGROUND`` rows are ignored). Training always differentiates
+    this loss, so computing ``sigmoid``/``softplus`` once for the value and the gradient halves the
+    elementwise work of a separate backward; the price is one ``[..., C]`` gradient buffer held until
+    backward (the size of the logits).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, alpha, gamma):  # type: ignore[override]
+        work = compute_dtype(logits.dtype)
+        grad = torch.empty(logits.shape, dtype=work, device=logits.device)
+        grad2 = grad.view(-1, logits.shape[-1])
+        total = torch.zeros((), dtype=work, device=logits.device)
+        neg_w = 1.0 if alpha is None else 1.0 - alpha
+        valid = labels >= BACKGROUND
+        for chunk in _label_chunks(logits.detach(), labels, valid, work, _FUSED_CPU_CHUNK):
+            x = chunk.x
+            s = torch.sigmoid(x)
+            sp = _softplus_from_sigmoid(x, s)
+            if gamma == 0.0:
+                mod = torch.ones_like(s)
+            else:
+                mod = s.square() if gamma == 2.0 else s.pow(gamma)
+            # (1 - alpha) and the row validity folded into the modulating factor: one pass.
+            mod.mul_(chunk.valid.to(work) * neg_w)
+            total = total + torch.dot(sp.view(-1), mod.view(-1))
+            g = _neg_grad_factor(sp, s, gamma, out=grad2[chunk.rows]).mul_(mod)
+            # The target entry of each positive anchor replaces the negative term counted above.
+            xp = x.gather(1, chunk.col).squeeze(1)
+            neg_here = (sp.gather(1, chunk.col) * mod.gather(1, chunk.col)).squeeze(1)
+            loss_p = _pos_focal(xp, alpha, gamma)
+            total = total + torch.where(chunk.pos, loss_p - neg_here, torch.zeros_like(loss_p)).sum()
+            _patch_positive_(g, chunk, _pos_focal_grad(xp, alpha, gamma))
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype)).to(ctx.logits_dtype), None, None, None
 
 
 class _SoftFocal(torch.autograd.Function):

@@ -17,6 +17,7 @@ gradient is taken with ``1 - cos² θ >= 1e-6``, so nothing is infinite at ``cos
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +70,11 @@ def _margin_softmax(
     labels: Tensor,
     weight: Tensor,
     scale: float,
-    margin: float,
-    kind: str,
-    easy_margin: bool,
+    penalise: Callable[[Tensor], Tensor],
     reduction: str,
     eps: float,
 ) -> Tensor:
+    """Cross-entropy of ``scale * cos`` whose target entry is replaced by ``penalise(cos θ_y)``."""
     check_reduction(reduction)
     _validate(embeddings, labels, weight, scale)
     if weight.shape[0] == 0 or embeddings.shape[0] == 0:
@@ -84,11 +84,7 @@ def _margin_softmax(
     target = labels.clamp(min=0)
     cos = margin_cosine_logits(embeddings, weight, eps)  # [N, C]
     cos_y = cos.gather(1, target.unsqueeze(1)).squeeze(1)
-    if kind == "arcface":
-        penalised = _arcface_target(cos_y, margin, easy_margin)
-    else:
-        penalised = cos_y - margin
-    logits = cos.scatter(1, target.unsqueeze(1), penalised.unsqueeze(1)) * scale
+    logits = cos.scatter(1, target.unsqueeze(1), penalise(cos_y).unsqueeze(1)) * scale
     per_sample = F.cross_entropy(logits, target, reduction="none")
     return reduce_loss(per_sample, reduction, known)
 
@@ -124,7 +120,9 @@ def arcface_loss(
         >>> arcface_loss(torch.eye(3), torch.tensor([0, 1, -1]), w, scale=4.0, margin=0.5).round(decimals=4)
         tensor(0.0581)
     """
-    return _margin_softmax(embeddings, labels, weight, scale, margin, "arcface", easy_margin, reduction, eps)
+    return _margin_softmax(
+        embeddings, labels, weight, scale, lambda cos_y: _arcface_target(cos_y, margin, easy_margin), reduction, eps
+    )
 
 
 def cosface_loss(
@@ -145,10 +143,14 @@ def cosface_loss(
         >>> cosface_loss(torch.eye(2), torch.tensor([0, 1]), torch.eye(2), scale=10.0).round(decimals=4)
         tensor(0.0015)
     """
-    return _margin_softmax(embeddings, labels, weight, scale, margin, "cosface", False, reduction, eps)
+    return _margin_softmax(embeddings, labels, weight, scale, lambda cos_y: cos_y - margin, reduction, eps)
 
 
 class _MarginSoftmaxLoss(nn.Module):
+    """Class weights ``Parameter[C, D]`` + ``forward(embeddings, labels)`` calling ``_loss_fn``."""
+
+    _loss_fn: Callable[..., Tensor]  # the functional form, called with the module's settings
+
     def __init__(self, num_classes: int, embedding_dim: int, scale: float, margin: float, reduction: str, eps: float):
         super().__init__()
         if num_classes < 1:
@@ -171,6 +173,14 @@ class _MarginSoftmaxLoss(nn.Module):
         # Only directions matter (weights are normalised); the official code uses N(0, 0.01²).
         nn.init.normal_(self.weight, std=0.01)
 
+    def _loss_options(self) -> dict[str, object]:
+        return {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return self._loss_fn(
+            embeddings, labels, self.weight, self.scale, self.margin, self.reduction, eps=self.eps, **self._loss_options()
+        )
+
     def logits(self, embeddings: Tensor) -> Tensor:
         """Scaled cosine logits ``s · cos θ`` without margin, ``Tensor[N, C]``: the inference-time classifier."""
         return margin_cosine_logits(embeddings, self.weight, self.eps) * self.scale
@@ -191,6 +201,8 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
         torch.Size([])
     """
 
+    _loss_fn = staticmethod(arcface_loss)
+
     def __init__(
         self,
         num_classes: int,
@@ -205,17 +217,8 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
         super().__init__(num_classes, embedding_dim, scale, margin, reduction, eps)
         self.easy_margin = easy_margin
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return arcface_loss(
-            embeddings,
-            labels,
-            self.weight,
-            self.scale,
-            self.margin,
-            self.reduction,
-            easy_margin=self.easy_margin,
-            eps=self.eps,
-        )
+    def _loss_options(self) -> dict[str, object]:
+        return {"easy_margin": self.easy_margin}
 
 
 class CosFaceLoss(_MarginSoftmaxLoss):
@@ -226,6 +229,8 @@ class CosFaceLoss(_MarginSoftmaxLoss):
         >>> loss(torch.randn(4, 16), torch.tensor([0, 3, 9, -1])).shape
         torch.Size([])
     """
+
+    _loss_fn = staticmethod(cosface_loss)
 
     def __init__(
         self,
@@ -238,6 +243,3 @@ class CosFaceLoss(_MarginSoftmaxLoss):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(num_classes, embedding_dim, scale, margin, reduction, eps)
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return cosface_loss(embeddings, labels, self.weight, self.scale, self.margin, self.reduction, eps=self.eps)

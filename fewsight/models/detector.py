@@ -42,9 +42,15 @@ from fewsight.errors import (
     check_labels,
 )
 from fewsight.geometry import AnchorGenerator, BoxCoder, PaddedTargets, match, pad_targets
-from fewsight.losses._common import compute_dtype
 from fewsight.losses.box import BOX_LOSSES, box_regression_loss
-from fewsight.losses.focal import _check_alpha_gamma, anchor_labels, focal_loss_detection
+from fewsight.losses.focal import (
+    _FUSED_CPU_CHUNK,
+    _FocalSumWithGrad,
+    _check_alpha_gamma,
+    _chunk_rows,
+    anchor_labels,
+    focal_loss_detection,
+)
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
 __all__ = [
@@ -373,76 +379,9 @@ def detection_box_loss(
     )
 
 
-# Elements per chunk of the fused focal loss: on CPU the chunk's temporaries stay in cache; on an
-# accelerator few large launches matter more.
-_CPU_CHUNK = 1 << 19
-_ACCEL_CHUNK = 1 << 24
-
-
 def chunk_rows(x2: Tensor) -> int:
     """Rows per chunk for a ``[N, C]`` row-wise pass (shared by the fused detection losses)."""
-    per_chunk = _CPU_CHUNK if x2.device.type == "cpu" else _ACCEL_CHUNK
-    return max(1, per_chunk // max(1, x2.shape[1]))
-
-
-class _FocalSumWithGrad(torch.autograd.Function):
-    """Sum of the detection focal loss whose gradient is computed in the same chunked pass.
-
-    Training always differentiates this loss, so computing ``sigmoid``/``softplus`` once for the value
-    and the gradient halves the elementwise work of a separate backward; the price is one
-    ``[B, A, C]`` gradient buffer held until backward (the size of the logits).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, alpha, gamma):  # type: ignore[override]
-        work = compute_dtype(logits.dtype)
-        num_classes = logits.shape[-1]
-        x2 = logits.detach().reshape(-1, num_classes)
-        lab = labels.reshape(-1)
-        grad = torch.empty(x2.shape, dtype=work, device=x2.device)
-        total = torch.zeros((), dtype=work, device=x2.device)
-        neg_w = 1.0 if alpha is None else 1.0 - alpha
-        pos_w = 1.0 if alpha is None else alpha
-        step = chunk_rows(x2)
-        for start in range(0, x2.shape[0], step):
-            stop = min(start + step, x2.shape[0])
-            x = x2[start:stop].to(work)
-            l = lab[start:stop]
-            s = torch.sigmoid(x)
-            sp = (s - 0.5).abs_().add_(0.5).log_()  # log(sigmoid(|x|))
-            sp = torch.clamp(x, min=0).sub_(sp)  # softplus(x), no overflow, vectorised
-            if gamma == 0.0:
-                mod = torch.ones_like(s)
-            else:
-                mod = s.square() if gamma == 2.0 else s.pow(gamma)
-            # (1 - alpha) and the row validity folded into the modulating factor: one pass.
-            mod.mul_(((l >= -1).to(work) * neg_w).unsqueeze(1))
-            total = total + torch.dot(sp.view(-1), mod.view(-1))
-            g = grad[start:stop]
-            torch.mul(sp, s, out=g)
-            torch.sub(sp, g, out=g)  # softplus * (1 - s)
-            g.mul_(gamma).add_(s).mul_(mod)  # (1 - a) s^g (s + g softplus(x) (1 - s))
-            # The target entry of each positive anchor: a * softplus(-x) (1 - s)^g, patched in.
-            pos = l >= 0
-            col = l.clamp(min=0).unsqueeze(1)
-            xp = x.gather(1, col).squeeze(1)
-            r = torch.sigmoid(-xp)
-            sp_neg = F.softplus(-xp)
-            rg = r.pow(gamma) if gamma != 0.0 else torch.ones_like(r)
-            loss_p = pos_w * sp_neg * rg
-            grad_p = -pos_w * rg * (r + gamma * sp_neg * (1.0 - r))
-            neg_here = (sp.gather(1, col) * mod.gather(1, col)).squeeze(1)
-            total = total + torch.where(pos, loss_p - neg_here, torch.zeros_like(loss_p)).sum()
-            g.scatter_(1, col, torch.where(pos, grad_p, g.gather(1, col).squeeze(1)).unsqueeze(1))
-        ctx.save_for_backward(grad)
-        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        out = (grad * grad_out.to(grad.dtype)).view(ctx.logits_shape).to(ctx.logits_dtype)
-        return out, None, None, None
+    return _chunk_rows(x2, _FUSED_CPU_CHUNK)
 
 
 def detection_focal_loss(

@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -862,6 +862,78 @@ class DLDENet(DenseDetector):
 
     # --- enrollment ---
 
+    def _matched_embeddings(
+        self, images: Tensor | Sequence[Tensor], targets: Any, num_labels: int, batch_size: int | None
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Eval-mode forward over chunks of ``images``; yields per chunk the float32 embeddings
+        ``Tensor[P, D]`` of the positive anchors (this model's matching), their labels ``Long[P]`` and
+        the global index ``Long[P]`` of the box each matched (boxes numbered image by image, in order)."""
+        num_images = images.shape[0] if isinstance(images, Tensor) else len(images)
+        if len(targets) != num_images:
+            raise ShapeError(f"targets: expected {num_images} entries (one per image), got {len(targets)}")
+        step = max(num_images, 1) if batch_size is None else batch_size
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise InvalidArgumentError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
+        was_training = self.training
+        self.eval()
+        offset = 0
+        try:
+            for start in range(0, num_images, step):  # chunks of images, not single images
+                chunk = targets[start : start + step]
+                out = self.forward_head(images[start : start + step])
+                padded = prepare_targets(
+                    chunk, out.batch.tensor.shape[0], scales=out.batch.scales, num_classes=num_labels,
+                    device=out.batch.tensor.device,
+                )
+                assignment = self.assign(out.anchors, padded)
+                image, anchor = assignment.positive.nonzero(as_tuple=True)
+                if isinstance(chunk, Tensor):  # padded Tensor[B, M, 5]: boxes numbered by row
+                    counts = torch.full((chunk.shape[0],), chunk.shape[1], device=image.device)
+                else:
+                    counts = torch.tensor([len(t["boxes"]) for t in chunk], device=image.device, dtype=torch.long)
+                first_box = torch.cumsum(counts, 0) - counts + offset
+                offset += int(counts.sum())
+                yield (
+                    out.outputs["embeddings"][image, anchor].float(),
+                    assignment.labels[image, anchor],
+                    first_box[image] + assignment.matched[image, anchor],
+                )
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def embed_boxes(
+        self, images: Tensor | Sequence[Tensor], boxes: Sequence[Tensor], *, batch_size: int | None = None
+    ) -> list[Tensor]:
+        """The embedding of each given box: the normalised mean embedding of the anchors this model
+        matches to it (the anchors :meth:`enroll` and training would use), for retrieval galleries and queries.
+
+        Args:
+            images: ``Tensor[B, 3, H, W]`` or a list of ``Tensor[3, H_i, W_i]`` floats in ``[0, 1]``.
+            boxes: one ``Tensor[N_i, 4]`` (xyxy, input-image pixels) per image.
+            batch_size: images per forward pass (default: all at once).
+
+        Returns:
+            One ``Tensor[N_i, D]`` float32 per image; a box that matches no anchor (degenerate, or outside
+            the image) gets a zero row, whose cosine with anything is 0.
+
+        Example:
+            >>> model = DLDENet(2, levels=(3, 4, 5), fpn_channels=32, embedding_dim=16)
+            >>> [e.shape for e in model.embed_boxes(torch.rand(2, 3, 96, 96), [torch.tensor([[10., 10., 60., 50.]]), torch.zeros(0, 4)])]
+            [torch.Size([1, 16]), torch.Size([0, 16])]
+        """
+        if len(boxes) != (images.shape[0] if isinstance(images, Tensor) else len(images)):
+            raise ShapeError(f"boxes: expected one Tensor[N_i, 4] per image, got {len(boxes)} for {len(images)} images")
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.ndim != 2 or b.shape[1] != 4:
+                raise ShapeError(f"boxes[{i}]: expected Tensor[N, 4], got {getattr(b, 'shape', type(b).__name__)}")
+        sizes = [int(b.shape[0]) for b in boxes]
+        targets = [{"boxes": b, "labels": torch.zeros(n, dtype=torch.long, device=b.device)} for b, n in zip(boxes, sizes)]
+        sums = torch.zeros(sum(sizes), self.classifier.embedding_dim, device=self.classifier.raw_scale.device)
+        for emb, _, box in self._matched_embeddings(images, targets, 1, batch_size):
+            sums.index_add_(0, box, emb)
+        return list(F.normalize(sums, dim=1, eps=1e-12).split(sizes))
+
     @torch.no_grad()
     def enroll(
         self,
@@ -897,35 +969,13 @@ class DLDENet(DenseDetector):
         clash = sorted(set(names) & set(self.classes)) + sorted({n for n in names if names.count(n) > 1})
         if clash:
             raise InvalidArgumentError(f"names: expected new, unique class names, got duplicates {clash}")
-        num_images = images.shape[0] if isinstance(images, Tensor) else len(images)
-        if isinstance(targets, Tensor) and targets.shape[0] != num_images or (
-            not isinstance(targets, Tensor) and len(targets) != num_images
-        ):
-            raise ShapeError(f"targets: expected {num_images} entries (one per image), got {len(targets)}")
-        step = num_images if batch_size is None else int(batch_size)
-        if step < 1:
-            raise InvalidArgumentError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
         n = len(names)
-        was_training = self.training
-        self.eval()
-        try:
-            sums = counts = None
-            for start in range(0, num_images, step):  # chunks of the support set, not single images
-                out = self.forward_head(images[start : start + step])
-                padded = prepare_targets(
-                    targets[start : start + step], out.batch.tensor.shape[0], scales=out.batch.scales,
-                    num_classes=n, device=out.batch.tensor.device,
-                )
-                assignment = self.assign(out.anchors, padded)
-                image, anchor = assignment.positive.nonzero(as_tuple=True)
-                emb = out.outputs["embeddings"][image, anchor].float()
-                lab = assignment.labels[image, anchor]
-                part = emb.new_zeros((n, emb.shape[1])).index_add_(0, lab, emb)
-                part_counts = torch.bincount(lab, minlength=n)
-                sums = part if sums is None else sums + part
-                counts = part_counts if counts is None else counts + part_counts
-        finally:
-            self.train(was_training)
+        sums = counts = None
+        for emb, lab, _ in self._matched_embeddings(images, targets, n, batch_size):
+            part = emb.new_zeros((n, emb.shape[1])).index_add_(0, lab, emb)
+            part_counts = torch.bincount(lab, minlength=n)
+            sums = part if sums is None else sums + part
+            counts = part_counts if counts is None else counts + part_counts
         missing = [names[i] for i in (counts == 0).nonzero().flatten().tolist()]
         if missing:
             raise InvalidArgumentError(

@@ -62,6 +62,15 @@ def _norm_layer(norm: NormSpec, channels: int) -> nn.Module | None:
     raise InvalidArgumentError(f"norm: expected None, 'group' or a callable(channels) -> nn.Module, got {norm!r}")
 
 
+def _conv3x3(in_channels: int, out_channels: int, *, bias: bool = True, bias_init: float = 0.0) -> nn.Conv2d:
+    # RetinaNet's initialisation for every head conv: N(0, 0.01) weights, constant bias.
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
+    nn.init.normal_(conv.weight, std=0.01)
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, bias_init)
+    return conv
+
+
 def conv_tower(in_channels: int, channels: int, num_convs: int = 4, norm: NormSpec = None) -> nn.Sequential:
     """``num_convs`` x (conv3x3 [+ norm] + ReLU): ``Tensor[B, in_channels, H, W] -> Tensor[B, channels, H, W]``.
 
@@ -78,11 +87,7 @@ def conv_tower(in_channels: int, channels: int, num_convs: int = 4, norm: NormSp
     c = in_channels
     for _ in range(num_convs):
         norm_layer = _norm_layer(norm, channels)
-        conv = nn.Conv2d(c, channels, 3, padding=1, bias=norm_layer is None)
-        nn.init.normal_(conv.weight, std=0.01)
-        if conv.bias is not None:
-            nn.init.zeros_(conv.bias)
-        layers.append(conv)
+        layers.append(_conv3x3(c, channels, bias=norm_layer is None))
         if norm_layer is not None:
             layers.append(norm_layer)
         layers.append(nn.ReLU(inplace=True))
@@ -129,9 +134,7 @@ class DenseHead(nn.Module):
         channels = in_channels if channels is None else _positive_int("channels", channels)
         self.conv = conv_tower(in_channels, channels, num_convs, norm)
         tower_out = channels if num_convs > 0 else in_channels
-        self.predictor = nn.Conv2d(tower_out, num_anchors * outputs_per_anchor, 3, padding=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.constant_(self.predictor.bias, bias_init)
+        self.predictor = _conv3x3(tower_out, num_anchors * outputs_per_anchor, bias_init=bias_init)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         if len(features) == 0:

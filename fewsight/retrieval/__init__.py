@@ -1,3 +1,36 @@
-"""fewsight.retrieval."""
+"""fewsight.retrieval: search object embeddings and measure retrieval / open-set rejection.
 
-__all__: list[str] = []
+* :func:`recall_at_k`, :func:`mean_average_precision_at_r` — Recall@k and MAP@R (cosine, blocked).
+* :func:`auroc`, :func:`fpr_at_tpr` — how well unknown objects are rejected (higher score = known).
+* :class:`Gallery` / :class:`SearchResult` — exact faiss index with labels, image ids and boxes
+  (needs the ``retrieval`` extra: ``pip install "fewsight[retrieval]"``).
+
+Example:
+    >>> import torch
+    >>> from fewsight.retrieval import Gallery, recall_at_k, auroc
+    >>> emb = torch.tensor([[1., 0.], [0.9, 0.2], [0., 1.], [0.1, 0.8]])
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> recall_at_k(emb, labels, k=1)
+    {1: 1.0}
+    >>> g = Gallery()
+    >>> g.add(emb, labels=labels)
+    >>> g.search(torch.tensor([[0.2, 1.]]), k=2).labels
+    tensor([[1, 1]])
+    >>> auroc(known_scores=torch.tensor([0.9, 0.8]), unknown_scores=torch.tensor([0.3, 0.85]))
+    0.75
+"""
+
+from fewsight.retrieval.gallery import GALLERY_FORMAT, Gallery, SearchResult
+from fewsight.retrieval.metrics import mean_average_precision_at_r, ordered_topk, recall_at_k
+from fewsight.retrieval.openset import auroc, fpr_at_tpr
+
+__all__ = [
+    "GALLERY_FORMAT",
+    "Gallery",
+    "SearchResult",
+    "auroc",
+    "fpr_at_tpr",
+    "mean_average_precision_at_r",
+    "ordered_topk",
+    "recall_at_k",
+]
