@@ -1,4 +1,4 @@
-"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``, ``enroll``, ``bench``.
+"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``, ``enroll``, ``bench``, ``search``.
 
 Every command has ``--help``. Bad input (a missing or corrupt file, an unknown class, a bad config
 key, ...) prints one line ``fewsight <command>: <reason>`` on stderr and exits with status 1
@@ -122,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser(
         "bench",
-        help="benchmarks: the few-shot protocol",
+        help="benchmarks: the few-shot protocol, retrieval and open set",
         description="Run a benchmark protocol and write OUT/results.json and a plot.",
     )
     bsub = be.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -147,6 +147,45 @@ def _build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     fs.add_argument("--out", default="runs/fewshot", help="output folder (default: runs/fewshot)")
     fs.add_argument("--quiet", action="store_true", help="no progress bars")
+    br = bsub.add_parser(
+        "retrieval",
+        help="object retrieval (Recall@k, MAP@R) and open-set rejection (AUROC, FPR@95%%TPR)",
+        description="Embed every annotated object of a query set and a gallery set with a DLDENet; report "
+        "Recall@k and MAP@R for objects of the model's classes and of unseen classes, and how well the model's "
+        "known-ness score rejects unseen classes (AUROC, FPR at 95%% TPR). Writes OUT/results.json.",
+    )
+    br.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
+    br.add_argument("--data", default="digits", choices=("digits",), help="benchmark data (default: digits)")
+    br.add_argument("--num-images", type=int, default=200, help="query and gallery images each (default 200)")
+    br.add_argument("--batch-size", type=int, default=16)
+    br.add_argument("--out", default="runs/retrieval", help="output folder (default: runs/retrieval)")
+    br.add_argument("--quiet", action="store_true", help="(no progress bars are shown by this benchmark)")
+
+    se = sub.add_parser(
+        "search",
+        help="object search: index the objects of images, query by an example crop",
+        description="Object search with a DLDENet's embeddings and a faiss index (needs fewsight[retrieval]). "
+        "`search index` detects the objects of a set of images and stores their embeddings; `search query` "
+        "finds the objects most like an example crop (or a box of an image).",
+    )
+    ssub = se.add_subparsers(dest="search", required=True, metavar="ACTION")
+    si = ssub.add_parser("index", help="build a gallery from the objects detected in images",
+                         description="Detect objects in images and write OUT/gallery.pt (faiss index + labels, "
+                         "image ids, boxes) and OUT/images.json (the image paths).")
+    si.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
+    si.add_argument("images", nargs="+", help="image files or folders")
+    si.add_argument("--out", default="runs/gallery", help="output folder (default: runs/gallery)")
+    si.add_argument("--score-threshold", type=float, default=0.3, help="index detections at least this score (0.3)")
+    si.add_argument("--batch-size", type=int, default=8)
+    sq = ssub.add_parser("query", help="find the gallery objects most like an example",
+                         description="Embed an example object (a crop, or --box of an image) and print the k most "
+                         "similar gallery objects (cosine); with --out, also OUT/results.json and OUT/results.png.")
+    sq.add_argument("--checkpoint", required=True, help="the DLDENet the gallery was built with")
+    sq.add_argument("--gallery", required=True, help="a folder from `search index` (or its gallery.pt)")
+    sq.add_argument("--image", required=True, help="the example: a crop of the object, or an image with --box")
+    sq.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="the object's box in --image")
+    sq.add_argument("--k", type=int, default=10, help="results (default 10)")
+    sq.add_argument("--out", help="folder for results.json and results.png")
     return parser
 
 
@@ -407,6 +446,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fewsight import data as fd
     from fewsight.eval import plot_fewshot, run_fewshot, write_json
 
+    if args.bench == "retrieval":
+        from fewsight.eval.retrieval import run_retrieval
+
+        model = _load_dldenet(args.checkpoint)
+        result = run_retrieval(model, query_dataset=fd.DigitsDataset("val", args.num_images, seed=3),
+                               gallery_dataset=fd.DigitsDataset("test", args.num_images, seed=1),
+                               batch_size=args.batch_size)
+        for part in ("known", "unknown"):
+            row = result[part]
+            print(f"{part:8s} classes ({', '.join(result[part + '_classes'])}): " + "  ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k != "num_queries") + f"  ({row['num_queries']} queries)")
+        o = result["open_set"]
+        print(f"open set: AUROC {o['auroc']:.4f}  FPR@95%TPR {o['fpr_at_95tpr']:.4f}  "
+              f"({o['num_known']} known / {o['num_unknown']} unknown objects)")
+        write_json({"data": args.data, "checkpoint": str(args.checkpoint), **result}, Path(args.out) / "results.json")
+        print(f"wrote {Path(args.out) / 'results.json'}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load_dldenet(args.checkpoint)
@@ -432,6 +488,94 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery_paths(path: str) -> tuple[Path, Path]:
+    p = Path(path)
+    folder = p if p.is_dir() or p.suffix == "" else p.parent
+    return (folder / "gallery.pt" if p.is_dir() or p.suffix == "" else p), folder / "images.json"
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewsight.data import load_image
+    from fewsight.errors import DataError
+    from fewsight.eval import write_json
+
+    model = _load_dldenet(args.checkpoint)
+    if args.search == "index":
+        from fewsight.retrieval import index_images
+
+        files = _image_files(args.images)
+        images = [load_image(f) for f in files]
+        gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size)
+        gallery_file, images_file = _gallery_paths(args.out)
+        gallery.save(gallery_file)
+        write_json({"images": [str(f) for f in files]}, images_file)
+        print(f"indexed {len(gallery)} object(s) from {len(files)} image(s); wrote {gallery_file}")
+        return 0
+    from fewsight.retrieval import Gallery, embed_crop
+
+    gallery_file, images_file = _gallery_paths(args.gallery)
+    gallery = Gallery.load(gallery_file)
+    paths = json.loads(images_file.read_text())["images"] if images_file.is_file() else None
+    query_image = load_image(args.image)
+    box = torch.tensor(args.box, dtype=torch.float32) if args.box else None
+    if box is not None and not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(args.image, f"--box: expected x1 < x2 and y1 < y2, got {args.box}")
+    query = embed_crop(model, query_image, box=box)
+    if gallery.dim is not None and query.shape[0] != gallery.dim:
+        raise DataError(gallery_file, f"the gallery holds {gallery.dim}-D embeddings, the model gives {query.shape[0]}-D")
+    found = gallery.search(query[None], k=args.k)
+    rows = []
+    names = list(model.classes)
+    for rank, (i, score) in enumerate(zip(found.indices[0].tolist(), found.scores[0].tolist()), start=1):
+        if i < 0:
+            break
+        image_id = int(found.image_ids[0, rank - 1])
+        label = int(found.labels[0, rank - 1])
+        row = {"rank": rank, "score": round(score, 4), "image": paths[image_id] if paths else image_id,
+               "box": [round(v, 1) for v in found.boxes[0, rank - 1].tolist()],
+               "label": names[label] if 0 <= label < len(names) else None}
+        rows.append(row)
+        print(f"{rank:3d}  {row['score']:.4f}  {row['image']}  box {row['box']}  ({row['label']})")
+    if not rows:
+        print("the gallery is empty")
+    if args.out:
+        out = Path(args.out)
+        write_json({"query": args.image, "box": args.box, "results": rows}, out / "results.json")
+        if rows and paths:
+            _plot_search(query_image, box, rows, out / "results.png")
+        print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def _plot_search(query: Any, box: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fewsight.data import load_image
+
+    def crop(image: Any, b: Any) -> Any:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in b)
+        return image[:, max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)].permute(1, 2, 0).numpy()
+
+    items = [("query", crop(query, box) if box is not None else query.permute(1, 2, 0).numpy())]
+    cache: dict[str, Any] = {}
+    for r in rows:
+        img = cache.setdefault(r["image"], load_image(r["image"]))
+        items.append((f"#{r['rank']} {r['score']:.2f}", crop(img, torch.tensor(r["box"]))))
+    fig = Figure(figsize=(1.6 * len(items), 1.9), dpi=100)
+    FigureCanvasAgg(fig)
+    for j, (title, arr) in enumerate(items):
+        ax = fig.add_subplot(1, len(items), j + 1)
+        ax.imshow(arr)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
@@ -440,6 +584,7 @@ _COMMANDS = {
     "export": _cmd_export,
     "enroll": _cmd_enroll,
     "bench": _cmd_bench,
+    "search": _cmd_search,
 }
 
 

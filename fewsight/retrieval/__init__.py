@@ -4,6 +4,8 @@
 * :func:`auroc`, :func:`fpr_at_tpr` — how well unknown objects are rejected (higher score = known).
 * :class:`Gallery` / :class:`SearchResult` — exact faiss index with labels, image ids and boxes
   (needs the ``retrieval`` extra: ``pip install "fewsight[retrieval]"``).
+* :func:`index_images`, :func:`embed_crop`, :func:`embed_objects`, :func:`known_scores` — object
+  embeddings from a DLDENet (galleries of detections, example-crop queries, open-set scores).
 
 Example:
     >>> import torch
@@ -22,6 +24,7 @@ Example:
 
 from fewsight.retrieval.gallery import GALLERY_FORMAT, Gallery, SearchResult
 from fewsight.retrieval.metrics import mean_average_precision_at_r, ordered_topk, recall_at_k
+from fewsight.retrieval.objects import embed_crop, embed_objects, index_images, known_scores
 from fewsight.retrieval.openset import auroc, fpr_at_tpr
 
 __all__ = [
@@ -29,7 +32,11 @@ __all__ = [
     "Gallery",
     "SearchResult",
     "auroc",
+    "embed_crop",
+    "embed_objects",
     "fpr_at_tpr",
+    "index_images",
+    "known_scores",
     "mean_average_precision_at_r",
     "ordered_topk",
     "recall_at_k",
