@@ -444,8 +444,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from fewsight import data as fd
+    from fewsight.errors import InvalidArgumentError
     from fewsight.eval import plot_fewshot, run_fewshot, write_json
 
+    for flag, value in (("--num-images", args.num_images), ("--seeds", getattr(args, "seeds", 1))):
+        if value < 1:
+            raise InvalidArgumentError(f"{flag}: expected an int >= 1, got {value}")
     if args.bench == "retrieval":
         from fewsight.eval.retrieval import run_retrieval
 
@@ -523,6 +527,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if box is not None and not (box[2] > box[0] and box[3] > box[1]):
         raise DataError(args.image, f"--box: expected x1 < x2 and y1 < y2, got {args.box}")
     query = embed_crop(model, query_image, box=box)
+    if not bool(query.norm() > 0):
+        raise DataError(args.image, f"--box {args.box}: the query object matches no anchor of the detector (is the box inside the image?)")
     if gallery.dim is not None and query.shape[0] != gallery.dim:
         raise DataError(gallery_file, f"the gallery holds {gallery.dim}-D embeddings, the model gives {query.shape[0]}-D")
     found = gallery.search(query[None], k=args.k)

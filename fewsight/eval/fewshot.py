@@ -61,8 +61,17 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     mean = float(x.mean())
     if x.size == 1:
         return round(mean, 4), 0.0
-    t = _T95[x.size - 2] if x.size - 1 <= len(_T95) else 1.96
-    return round(mean, 4), round(float(t * x.std(ddof=1) / math.sqrt(x.size)), 4)
+    return round(mean, 4), round(float(_t95(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)), 4)
+
+
+def _t95(df: int) -> float:
+    """Two-sided 95% Student t quantile: the table up to 30 degrees of freedom, then the Cornish-Fisher
+    expansion around z = 1.96 (Abramowitz & Stegun 26.7.5; error < 1e-4 from 30 on)."""
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
 
 
 @dataclass
@@ -143,8 +152,8 @@ def finetune(
 
     ``trainable="head"`` trains the head and the class parameters (directions when learned, ``w``, ``b``)
     with the backbone and FPN frozen (the few-shot fine-tuning of TFA); ``"all"`` trains everything.
-    Normalisation layers stay in eval mode (a handful of images must not move BatchNorm statistics).
-    Labels index the model's classes (``-1``: unknown box, ignored).
+    Normalisation layers stay in eval mode (a handful of images must not move BatchNorm statistics) and
+    DLDENet's tracked means are not updated. Labels index the model's classes (``-1``: unknown box, ignored).
     """
     if trainable not in ("head", "all"):
         raise InvalidArgumentError(f"trainable: expected 'head' or 'all', got {trainable!r}")
@@ -154,10 +163,19 @@ def finetune(
         return []
     device = model_device(model)
     frozen = () if trainable == "all" else tuple(m for m in (getattr(model, "backbone", None),) if m is not None)
-    params = [p for p in model.parameters() if p.requires_grad and not any(p is q for m in frozen for q in m.parameters())]
+    frozen_params = {id(p) for m in frozen for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
+    restore_grad = [p for m in frozen for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
+    # Tracked means stay where enrollment put them: an EMA over a handful of images chasing a head that
+    # Adam is moving makes the loss climb again after a few steps.
+    means_update = getattr(model, "means_update", None)
+    if means_update is not None:
+        model.means_update = "none"
+    for p in restore_grad:  # no backward through the frozen part
+        p.requires_grad_(False)
     model.train()
     for m in model.modules():  # frozen statistics
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or m in frozen:
@@ -177,6 +195,10 @@ def finetune(
     finally:
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
+        for p in restore_grad:
+            p.requires_grad_(True)
+        if means_update is not None:
+            model.means_update = means_update
     return losses
 
 
@@ -256,12 +278,27 @@ def run_fewshot(
     for mode in modes:
         if mode not in MODES:
             raise InvalidArgumentError(f"modes: expected values from {MODES}, got {mode!r}")
+    shots, seeds = list(shots), list(seeds)
+    if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
+        raise InvalidArgumentError(f"shots: expected a non-empty list of ints >= 1, got {shots}")
+    if not seeds:
+        raise InvalidArgumentError("seeds: expected at least one seed, got none")
+    if not modes:
+        raise InvalidArgumentError("modes: expected at least one of 'enroll', 'finetune', got none")
+    if "finetune" in modes and (isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0):
+        raise InvalidArgumentError(f"finetune_steps: expected an int >= 0, got {finetune_steps!r}")
+    if len(test_dataset) == 0:
+        raise InvalidArgumentError("test_dataset: expected at least one image, got an empty dataset")
     names = list(test_dataset.classes)
     if list(support_dataset.classes) != names:
         raise InvalidArgumentError(
             f"support_dataset: expected the test dataset's classes {names}, got {list(support_dataset.classes)}"
         )
     novel = [int(c) for c in novel_classes]
+    if not novel or any(not 0 <= c < len(names) for c in novel) or len(set(novel)) != len(novel):
+        raise InvalidArgumentError(
+            f"novel_classes: expected distinct indices into the dataset's {len(names)} classes, got {list(novel_classes)}"
+        )
     base_names = list(model.classes)
     novel_names = [names[c] for c in novel]
     missing = [n for n in base_names if n not in names]

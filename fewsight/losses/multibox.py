@@ -47,6 +47,19 @@ def _check_options(iou_threshold: float, neg_pos_ratio: float, alpha: float, min
         raise InvalidArgumentError(f"beta: expected a float >= 0, got {beta!r}")
 
 
+def _unknown_boxes(targets: Targets, width: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """List-form boxes with a label ``< 0`` as ``(Tensor[B, G, 4], Bool[B, G])``, or ``None`` when there are none."""
+    if isinstance(targets, Tensor) or not any(bool((t["labels"] < 0).any()) for t in targets if len(t["labels"])):
+        return None
+    unknown = pad_targets(
+        [{"boxes": t["boxes"], "labels": torch.where(torch.as_tensor(t["labels"]) < 0, 0, -1)} for t in targets],
+        device=device, dtype=dtype,
+    )
+    boxes = unknown.boxes
+    valid = unknown.valid & torch.isfinite(boxes).all(-1) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    return boxes, valid
+
+
 def hard_negative_mask(
     scores: Tensor,
     positive: Tensor,
@@ -125,7 +138,9 @@ def multibox_loss(
     mined negatives, if ``min_negatives > 0``) is divided by 1; they count in the batch mean, as in
     super-gradients' ``SSDLoss``. Ground-truth boxes of zero width/height or non-finite coordinates
     are dropped before matching (they overlap nothing, so they could never be matched anyway).
-    GT rows with a label ``< 0`` are padding / unknown and are dropped too.
+    GT rows with a label ``< 0`` are padding (padded form) or, in the list form, objects of unknown
+    class: they are not matched, and default boxes with IoU ``>= iou_threshold`` with an unknown
+    object are excluded from the negatives (ignored, never taught background).
 
     Args:
         cls_logits: ``Tensor[B, A, C + 1]``; index 0 is the background logit, label ``c`` is ``c + 1``.
@@ -202,6 +217,13 @@ def multibox_loss(
     )
     positive = m.indices >= 0
     negative = m.indices == BACKGROUND
+    unknown = _unknown_boxes(targets, gt.shape[1], device, work)
+    if unknown is not None:
+        # An object of unknown class is not background: its default boxes are never mined.
+        u_boxes, u_valid = unknown
+        on_unknown = match(priors, u_boxes, u_valid, object_threshold=iou_threshold,
+                           background_threshold=iou_threshold).indices >= 0
+        negative = negative & ~on_unknown
     safe_idx = m.indices.clamp(min=0)
     num_pos = positive.sum(dim=1)
 

@@ -970,12 +970,12 @@ class DLDENet(DenseDetector):
         if clash:
             raise InvalidArgumentError(f"names: expected new, unique class names, got duplicates {clash}")
         n = len(names)
-        sums = counts = None
+        device = self.classifier.raw_scale.device
+        sums = torch.zeros(n, self.classifier.embedding_dim, device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)
         for emb, lab, _ in self._matched_embeddings(images, targets, n, batch_size):
-            part = emb.new_zeros((n, emb.shape[1])).index_add_(0, lab, emb)
-            part_counts = torch.bincount(lab, minlength=n)
-            sums = part if sums is None else sums + part
-            counts = part_counts if counts is None else counts + part_counts
+            sums.index_add_(0, lab, emb)
+            counts += torch.bincount(lab, minlength=n)
         missing = [names[i] for i in (counts == 0).nonzero().flatten().tolist()]
         if missing:
             raise InvalidArgumentError(

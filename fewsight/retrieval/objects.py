@@ -67,6 +67,8 @@ def index_images(
     default ``i``) and its box.
     """
     _check_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if image_ids is not None and len(image_ids) != len(images):
         raise ShapeError(f"image_ids: expected {len(images)} ids (one per image), got {len(image_ids)}")
     ids = list(range(len(images))) if image_ids is None else [int(i) for i in image_ids]
