@@ -348,3 +348,19 @@ def test_cuda_matches_cpu():
     out = multibox_loss(logits.detach().cuda(), deltas.detach().cuda(), priors.cuda(), cuda_t)
     for k in cpu:
         torch.testing.assert_close(out[k].cpu(), cpu[k].detach())
+
+
+def test_default_boxes_on_an_unknown_object_are_never_mined():
+    # Priors on a row; the first is a known object, the last two sit on an unknown-class object.
+    priors = torch.tensor([[float(10 * i), 0.0, float(10 * i + 10), 10.0] for i in range(8)])
+    known = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([0])}
+    with_unknown = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [60.0, 0.0, 80.0, 10.0]]), "labels": torch.tensor([0, -1])}
+    logits = torch.zeros(1, 8, 3)
+    confident = logits.clone()
+    confident[0, 6:, 1] = 20.0  # the hardest negatives, if they were negatives
+    kwargs = {"neg_pos_ratio": 2.0}
+    a = multibox_loss(logits, torch.zeros(1, 8, 4), priors, [with_unknown], **kwargs)["loss_cls"]
+    b = multibox_loss(confident, torch.zeros(1, 8, 4), priors, [with_unknown], **kwargs)["loss_cls"]
+    dropped = multibox_loss(confident, torch.zeros(1, 8, 4), priors, [known], **kwargs)["loss_cls"]
+    assert torch.equal(a, b)  # what the detector says on the unknown object does not matter
+    assert dropped > b + 10  # without the unknown box, those priors are mined as background
