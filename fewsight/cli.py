@@ -118,6 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="support classes to enroll (default: every class the model does not know; digits: 8 9)")
     en.add_argument("--shots", type=int, help="use K sampled examples per class (default: every box)")
     en.add_argument("--seed", type=int, default=0, help="seed of the --shots sample (default 0)")
+    en.add_argument("--calibrate", action="store_true",
+                    help="set each new class's bias from the support images' background (see DLDENet.enroll)")
     en.add_argument("--out", required=True, help="output detector file (.pt)")
 
     be = sub.add_parser(
@@ -140,6 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--seeds", type=int, default=5, help="support sets per k (seeds 0..N-1; default 5)")
     fs.add_argument("--modes", nargs="+", default=["enroll"], choices=("enroll", "finetune"),
                     help="enroll only, and/or enroll + fine-tune (default: enroll)")
+    fs.add_argument("--calibrate", action="store_true", help="enroll with calibrated biases (see DLDENet.enroll)")
     fs.add_argument("--finetune-steps", type=int, default=50)
     fs.add_argument("--finetune-lr", type=float, default=1e-4)
     fs.add_argument("--num-images", type=int, default=200, help="test images (default 200)")
@@ -431,7 +434,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if names is None and (args.format == "digits" or args.support == "digits"):
         names = ["8", "9"]
     before = list(model.classes)
-    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed)
+    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, calibrate=args.calibrate)
     added = [model.classes[i] for i in new]
     save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
                                              "seed": args.seed, "base_classes": before})
@@ -476,10 +479,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result = run_fewshot(
         model, support_dataset=support, test_dataset=test, novel_classes=novel, shots=args.shots,
         seeds=range(args.seeds), modes=args.modes, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-        batch_size=args.batch_size, progress=not args.quiet, log=print,
+        batch_size=args.batch_size, calibrate=args.calibrate, progress=not args.quiet, log=print,
     )
     out = Path(args.out)
     payload = {"data": args.data, "checkpoint": str(args.checkpoint), "novel": [test.classes[c] for c in novel],
+               "calibrate": args.calibrate,
                "threads": torch.get_num_threads(), **result.to_dict()}
     write_json(payload, out / "results.json")
     plot_fewshot(result.summary(), out / "fewshot.png", base_before=result.base_before["ap50"],

@@ -129,12 +129,12 @@ def sample_support(dataset: Any, classes: Sequence[int], k: int, seed: int) -> S
 
 
 def enroll_support(model: nn.Module, images: Sequence[Tensor], support: SupportSet, names: Sequence[str],
-                   *, batch_size: int = 8) -> list[int]:
+                   *, batch_size: int = 8, calibrate: bool = False) -> list[int]:
     """``model.enroll`` with the support images and targets (on the model's device); returns the new indices."""
     device = model_device(model)
     images = [im.to(device) for im in images]
     targets = [{key: v.to(device) for key, v in t.items()} for t in support.targets]
-    return model.enroll(images, targets, list(names), batch_size=batch_size)
+    return model.enroll(images, targets, list(names), batch_size=batch_size, calibrate=calibrate)
 
 
 def finetune(
@@ -263,6 +263,7 @@ def run_fewshot(
     finetune_steps: int = 50,
     finetune_lr: float = 1e-4,
     batch_size: int = 8,
+    calibrate: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FewShotResult:
@@ -274,6 +275,7 @@ def run_fewshot(
             classes named as the model's; ``novel_classes`` index that list.
         shots, seeds, modes: the grid (``modes`` from ``"enroll"``, ``"finetune"``).
         finetune_steps, finetune_lr: :func:`finetune` settings of ``"finetune"`` mode.
+        calibrate: enroll with calibrated biases (``DLDENet.enroll(calibrate=True)``).
     """
     for mode in modes:
         if mode not in MODES:
@@ -326,7 +328,7 @@ def run_fewshot(
             balanced = None
             for mode in modes:
                 run_model = copy.deepcopy(model)
-                enroll_support(run_model, images, support, novel_names, batch_size=batch_size)
+                enroll_support(run_model, images, support, novel_names, batch_size=batch_size, calibrate=calibrate)
                 steps = 0
                 if mode == "finetune":
                     if balanced is None:
@@ -358,8 +360,9 @@ def enroll_from_dataset(
     k: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    calibrate: bool = False,
 ) -> list[int]:
-    """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes.
+    """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes (``calibrate``: see ``DLDENet.enroll``).
 
     ``names``: the dataset classes to enroll (default: every dataset class the model does not know).
     ``k``: use ``k`` sampled instances per class (:func:`sample_support` with ``seed``); default: every
@@ -393,4 +396,4 @@ def enroll_from_dataset(
                 indices.append(i)
                 targets.append({"boxes": t["boxes"], "labels": labels})
         support = SupportSet(indices, targets, wanted, 0)
-    return enroll_support(model, support.images(dataset), support, names, batch_size=batch_size)
+    return enroll_support(model, support.images(dataset), support, names, batch_size=batch_size, calibrate=calibrate)

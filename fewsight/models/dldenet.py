@@ -863,11 +863,13 @@ class DLDENet(DenseDetector):
     # --- enrollment ---
 
     def _matched_embeddings(
-        self, images: Tensor | Sequence[Tensor], targets: Any, num_labels: int, batch_size: int | None
-    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        self, images: Tensor | Sequence[Tensor], targets: Any, num_labels: int, batch_size: int | None,
+        background: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
         """Eval-mode forward over chunks of ``images``; yields per chunk the float32 embeddings
-        ``Tensor[P, D]`` of the positive anchors (this model's matching), their labels ``Long[P]`` and
-        the global index ``Long[P]`` of the box each matched (boxes numbered image by image, in order)."""
+        ``Tensor[P, D]`` of the positive anchors (this model's matching), their labels ``Long[P]``, the
+        global index ``Long[P]`` of the box each matched (boxes numbered image by image, in order) and,
+        with ``background``, the embeddings ``Tensor[N, D]`` of the background anchors (else ``None``)."""
         num_images = images.shape[0] if isinstance(images, Tensor) else len(images)
         if len(targets) != num_images:
             raise ShapeError(f"targets: expected {num_images} entries (one per image), got {len(targets)}")
@@ -897,6 +899,7 @@ class DLDENet(DenseDetector):
                     out.outputs["embeddings"][image, anchor].float(),
                     assignment.labels[image, anchor],
                     first_box[image] + assignment.matched[image, anchor],
+                    out.outputs["embeddings"][assignment.labels == BACKGROUND].float() if background else None,
                 )
         finally:
             self.train(was_training)
@@ -930,9 +933,29 @@ class DLDENet(DenseDetector):
         sizes = [int(b.shape[0]) for b in boxes]
         targets = [{"boxes": b, "labels": torch.zeros(n, dtype=torch.long, device=b.device)} for b, n in zip(boxes, sizes)]
         sums = torch.zeros(sum(sizes), self.classifier.embedding_dim, device=self.classifier.raw_scale.device)
-        for emb, _, box in self._matched_embeddings(images, targets, 1, batch_size):
+        for emb, _, box, _ in self._matched_embeddings(images, targets, 1, batch_size):
             sums.index_add_(0, box, emb)
         return list(F.normalize(sums, dim=1, eps=1e-12).split(sizes))
+
+
+    @torch.no_grad()
+    def _calibrated_bias(self, images: Any, targets: Any, directions: Tensor, batch_size: int | None) -> Tensor:
+        """``Tensor[n]`` biases ``b = -(mean positive cos + q_99.9 background cos) / 2`` of new directions."""
+        n = directions.shape[0]
+        pos_sum = torch.zeros(n, device=directions.device)
+        pos_count = torch.zeros(n, device=directions.device)
+        background = []
+        for emb, lab, _, bg in self._matched_embeddings(images, targets, n, batch_size, background=True):
+            cos = (F.normalize(emb, dim=1, eps=1e-12) * directions[lab]).sum(1)
+            pos_sum.index_add_(0, lab, cos)
+            pos_count.index_add_(0, lab, torch.ones_like(cos))
+            background.append(F.normalize(bg, dim=1, eps=1e-12) @ directions.T)
+        bg_cos = torch.cat(background) if background else directions.new_zeros(0, n)
+        if bg_cos.shape[0]:  # kthvalue, not quantile: quantile refuses inputs above 2^24 elements
+            q = bg_cos.kthvalue(max(1, math.ceil(0.999 * bg_cos.shape[0])), dim=0).values
+        else:
+            q = directions.new_full((n,), -1.0)
+        return -(pos_sum / pos_count.clamp(min=1) + q) / 2
 
     @torch.no_grad()
     def enroll(
@@ -942,6 +965,7 @@ class DLDENet(DenseDetector):
         names: Sequence[str],
         *,
         batch_size: int | None = None,
+        calibrate: bool = False,
     ) -> list[int]:
         """Add classes from a few boxed examples, without gradient steps.
 
@@ -955,6 +979,10 @@ class DLDENet(DenseDetector):
             targets: one per image, labels index ``names`` (``< 0``: ignored).
             names: the new class names (unique, not already in :attr:`classes`).
             batch_size: process the support set in chunks of this many images (default: at once).
+            calibrate: instead of the default ``b``, set each new class's bias from the support images
+                (:meth:`_calibrated_bias`): its threshold ``-b`` halfway between the mean cosine of its
+                positive anchors and the 99.9th percentile over the support images' background anchors,
+                so a direction that lies near background cannot flood every image with detections.
 
         Returns:
             The indices of the new classes.
@@ -973,7 +1001,7 @@ class DLDENet(DenseDetector):
         device = self.classifier.raw_scale.device
         sums = torch.zeros(n, self.classifier.embedding_dim, device=device)
         counts = torch.zeros(n, dtype=torch.long, device=device)
-        for emb, lab, _ in self._matched_embeddings(images, targets, n, batch_size):
+        for emb, lab, _, _ in self._matched_embeddings(images, targets, n, batch_size):
             sums.index_add_(0, lab, emb)
             counts += torch.bincount(lab, minlength=n)
         missing = [names[i] for i in (counts == 0).nonzero().flatten().tolist()]
@@ -982,8 +1010,14 @@ class DLDENet(DenseDetector):
                 f"targets: expected at least one box matching an anchor for every new class, got none for {missing} "
                 "(labels index `names`)"
             )
+        bias = None
+        if calibrate:
+            bias = self._calibrated_bias(images, targets, F.normalize(sums, dim=1, eps=1e-12), batch_size)
         first = self.num_classes
         self.classifier.add_classes(sums)
+        if bias is not None:
+            with torch.no_grad():
+                self.classifier.bias[first:] = bias.to(self.classifier.bias)
         self.classes.extend(names)
         return list(range(first, first + n))
 

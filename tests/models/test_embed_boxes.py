@@ -244,3 +244,33 @@ def test_enroll_without_support_images_is_a_clear_error():
     with pytest.raises(InvalidArgumentError, match="targets"):
         model.enroll([], [], ["new"])
     assert model.classes == ["0", "1"]
+
+
+def test_calibrated_enrollment_sets_the_bias_between_positives_and_background(model):
+    images = _images(3)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 44.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.tensor([[20.0, 12.0, 60.0, 50.0]]), "labels": torch.tensor([0])}]
+    plain = tiny()
+    plain.load_state_dict(model.state_dict())
+    calibrated = tiny()
+    calibrated.load_state_dict(model.state_dict())
+    plain.enroll(images, targets, ["new"])
+    calibrated.enroll(images, targets, ["new"], calibrate=True)
+    direction = F.normalize(calibrated.classifier.means[-1], dim=0)
+    assert torch.equal(calibrated.classifier.means, plain.classifier.means)  # same directions
+    assert plain.classifier.bias[-1] == plain.classifier.init_bias
+    # Reference: this model's matching by hand, over the whole support set at once.
+    calibrated.eval()  # enrollment runs the model in eval mode
+    with torch.no_grad():
+        out = calibrated.forward_head(images)
+        a = calibrated.assign(out.anchors, prepare_targets(targets, 2, scales=out.batch.scales, num_classes=1))
+        cos = F.normalize(out.outputs["embeddings"], dim=-1) @ direction
+        pos = cos[a.labels == 0].mean()
+        bg = cos[a.labels == -1]
+        q = bg.sort().values[int(torch.tensor(0.999 * bg.numel()).ceil()) - 1]
+    assert torch.allclose(calibrated.classifier.bias[-1], -(pos + q) / 2, atol=1e-5)
+    # Same result when the support set is processed in chunks.
+    chunked = tiny()
+    chunked.load_state_dict(model.state_dict())
+    chunked.enroll(images, targets, ["new"], calibrate=True, batch_size=1)
+    assert torch.allclose(chunked.classifier.bias, calibrated.classifier.bias, atol=1e-5)
