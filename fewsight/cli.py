@@ -27,6 +27,14 @@ class _ExportUnavailable(Exception):
 # -- parser ----------------------------------------------------------------------------------------
 
 
+def _add_data_source(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """``flag`` (a dataset path or 'digits'), ``--format`` and ``--images``."""
+    parser.add_argument(flag, required=True, help=help)
+    parser.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
+                        help=f"dataset format (default: inferred from {flag})")
+    parser.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -67,11 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's.",
     )
     ev.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
-    ev.add_argument("--data", required=True,
-                    help="a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, or 'digits'")
-    ev.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
-                    help="dataset format (default: inferred from --data)")
-    ev.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+    _add_data_source(ev, "--data", "a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, "
+                     "or 'digits'")
     ev.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
@@ -109,11 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "the mean embedding of the anchors matched to its boxes.",
     )
     en.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
-    en.add_argument("--support", required=True,
-                    help="boxed examples: a COCO .json, a CSV file, a VOC folder, a YOLO image folder, or 'digits'")
-    en.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
-                    help="support data format (default: inferred from --support)")
-    en.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+    _add_data_source(en, "--support", "boxed examples: a COCO .json, a CSV file, a VOC folder, a YOLO image folder, "
+                     "or 'digits'")
     en.add_argument("--classes", nargs="+", metavar="NAME",
                     help="support classes to enroll (default: every class the model does not know; digits: 8 9)")
     en.add_argument("--shots", type=int, help="use K sampled examples per class (default: every box)")

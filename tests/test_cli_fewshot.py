@@ -13,16 +13,9 @@ from fewsight.data import DigitsDataset, export_dataset, save_image
 from fewsight.train import build_model, load_detector, save_detector
 from fewsight.train.config import ModelConfig
 from tests.train._tiny import TINY_MODEL
+from tests._helpers import one_thread  # noqa: F401  (autouse)
 
 BASE = [str(d) for d in range(8)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: a second thread only adds barrier waits on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _save(tmp_path_factory, name: str, classes, **kw):

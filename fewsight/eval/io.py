@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from fewsight._io import atomic_write_bytes
+
 __all__ = ["atomic_write_bytes", "detections_to_json", "to_jsonable", "write_json"]
 
 
@@ -53,24 +55,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (Sequence, set, frozenset)):
         return [to_jsonable(v) for v in obj]
     return str(obj)
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def write_json(obj: Any, path: str | Path, *, indent: int = 2) -> Path:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +51,7 @@ from fewsight.errors import (
     check_labels,
     check_ndim,
 )
+from fewsight._io import atomic_write_bytes
 from fewsight.retrieval.metrics import ordered_topk
 
 __all__ = ["GALLERY_FORMAT", "Gallery", "SearchResult"]
@@ -88,22 +88,6 @@ class SearchResult(NamedTuple):
     labels: Tensor
     image_ids: Tensor
     boxes: Tensor
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    # Same-folder temporary + os.replace: a reader never sees a half-written gallery.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _to_host(storage: Any, _location: str) -> Any:
@@ -335,7 +319,7 @@ class Gallery:
         path = _resolve_path(path)
         buffer = io.BytesIO()
         torch.save(self.state_dict(), buffer)
-        _atomic_write_bytes(buffer.getvalue(), path)
+        atomic_write_bytes(buffer.getvalue(), path)
         return path
 
     @classmethod

@@ -26,16 +26,9 @@ from fewsight.eval import (
     sample_support,
 )
 from fewsight.models import DLDENet
+from tests._helpers import one_thread  # noqa: F401  (autouse)
 
 D = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: a second thread only adds barrier waits on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 2, **kw) -> DLDENet:

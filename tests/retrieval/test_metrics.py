@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError
 from fewsight.retrieval import mean_average_precision_at_r, ordered_topk, recall_at_k
+from tests._helpers import MaxNumel
 
 D64 = torch.float64
 
@@ -141,23 +141,10 @@ def test_block_size_one_equals_one_block_and_default():
         assert m1 == pytest.approx(mean_average_precision_at_r(*args, block_size=7), abs=1e-14)
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
-
 def test_never_materialises_the_full_matrix():
     q, ql = clustered(128, 8, 4, seed=9)
     g, gl = clustered(300, 8, 4, seed=10)
-    with _MaxNumel() as mode:
+    with MaxNumel() as mode:
         recall_at_k(q, ql, g, gl, block_size=16)
         mean_average_precision_at_r(q, ql, g, gl, block_size=16)
     assert mode.max_numel <= 16 * 300

@@ -12,16 +12,9 @@ pytest.importorskip("faiss")
 from fewsight.errors import InvalidArgumentError, ShapeError  # noqa: E402
 from fewsight.models import DLDENet, RetinaNet  # noqa: E402
 from fewsight.retrieval import Gallery, embed_crop, embed_objects, index_images, known_scores  # noqa: E402
+from tests._helpers import one_thread  # noqa: F401  (autouse)
 
 D = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: a second thread only adds barrier waits on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 2, **kw) -> DLDENet:
@@ -44,7 +37,7 @@ def _images(seed=0, sizes=((64, 64), (64, 64), (64, 64))):
 def _stored(gallery: Gallery) -> torch.Tensor:
     """The gallery's stored (unit) vectors, read back from its faiss index."""
     n = len(gallery)
-    return torch.from_numpy(gallery._index.reconstruct_n(0, n)) if n else torch.zeros(0, gallery.dim)
+    return torch.as_tensor(gallery._index.reconstruct_n(0, n)) if n else torch.zeros(0, gallery.dim)
 
 
 def _reference_items(model, images, score_threshold, nms_threshold):

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError
 from fewsight.retrieval import auroc, fpr_at_tpr
+from tests._helpers import MaxNumel
 
 # ----------------------------------------------------------------------------- references
 
@@ -142,22 +142,9 @@ def test_empty_gives_nan():
         assert math.isnan(fpr_at_tpr(a, b))
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
-
 def test_large_inputs_are_linear_in_memory():
     k, u = scores(20_000, 30_000, 8)
-    with _MaxNumel() as mode:
+    with MaxNumel() as mode:
         a = auroc(k, u)
         fpr_at_tpr(k, u)
     assert mode.max_numel <= 30_000
