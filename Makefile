@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fewsight-installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean emoji-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(PY) bench/geometry.py
 	$(PY) bench/losses.py
 	$(PY) bench/losses_detection.py --threads 1
+
+# emoji-logos images (npm emoji-datasource-google/-twitter 16.0.0, 64-px PNGs) into data/emoji;
+# skipped when already there.
+emoji-data: $(STAMP)
+	$(PY) -m fewsight.data.emoji --install data/emoji
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -77,3 +77,28 @@ __all__ = [
     "write_voc",
     "write_yolo",
 ]
+
+# emoji-logos (Google / Twitter emoji on scikit-image photographs; data via `make emoji-data`).
+# Imported on first use (PEP 562), so that `python -m fewsight.data.emoji` does not find the module
+# already imported by this package (runpy's "found in sys.modules" warning).
+_EMOJI_EXPORTS = (
+    "EmojiCanvas",
+    "EmojiClasses",
+    "EmojiCrops",
+    "EmojiLogosDataset",
+    "emoji_classes",
+    "emoji_images",
+    "install_emoji",
+    "split_base_novel",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EMOJI_EXPORTS:
+        from fewsight.data import emoji
+
+        return getattr(emoji, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_EMOJI_EXPORTS)
