@@ -45,6 +45,7 @@ from fewsight.geometry import sanitize_boxes
 
 __all__ = [
     "ON_ERROR",
+    "check_index",
     "DetectionDataset",
     "ImageFileDataset",
     "SkippedItem",
@@ -141,6 +142,19 @@ def save_image(image: Tensor, path: str | Path) -> None:
     Image.fromarray(arr).save(path)
 
 
+def check_index(index: Any, n: int) -> int:
+    """``index`` as a position in ``[0, n)`` (negative counts from the end); ``IndexError`` outside."""
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"index: expected an int, got {type(index).__name__}") from None
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
+    return i
+
+
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):
     """Base of every fewsight detection dataset (see the module docstring for the contract).
 
@@ -171,16 +185,11 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         raise NotImplementedError
 
     def _check_index(self, index: int) -> int:
-        n = len(self)
-        try:
-            i = int(index)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"index: expected an int, got {type(index).__name__}") from None
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
-        return i
+        return check_index(index, len(self))
+
+    def get_target(self, index: int) -> Target:
+        """The (untransformed) target of item ``index`` (this default loads the whole sample)."""
+        return self.load(self._check_index(index))[1]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image, target = self.load(self._check_index(index))

@@ -463,10 +463,6 @@ class DigitsDataset(DetectionDataset):
         image = torch.from_numpy(np.repeat(canvas.image[None], 3, axis=0))
         return image, {"boxes": torch.from_numpy(canvas.boxes), "labels": torch.from_numpy(canvas.labels)}
 
-    def get_target(self, index: int) -> Target:
-        """The target of canvas ``index`` (renders it: targets are not stored)."""
-        return self.load(self._check_index(index))[1]
-
     def __repr__(self) -> str:
         return (
             f"DigitsDataset(split={self.split!r}, num_images={self.num_images}, image_size={self.image_size}, "

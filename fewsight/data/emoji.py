@@ -75,7 +75,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fewsight.data.dataset import DetectionDataset, Target
+from fewsight.data.dataset import DetectionDataset, Target, check_index
 from fewsight.errors import DataError, FewsightError, InvalidArgumentError, MissingDependencyError, check_choice
 
 __all__ = [
@@ -740,10 +740,6 @@ class EmojiLogosDataset(DetectionDataset):
         image = torch.from_numpy(np.ascontiguousarray(canvas.image.transpose(2, 0, 1)))
         return image, {"boxes": torch.from_numpy(canvas.boxes), "labels": torch.from_numpy(canvas.labels)}
 
-    def get_target(self, index: int) -> Target:
-        """The target of canvas ``index`` (renders it: targets are not stored)."""
-        return self.load(self._check_index(index))[1]
-
     def __repr__(self) -> str:
         return (
             f"EmojiLogosDataset(root={str(self.root)!r}, split={self.split!r}, num_images={self.num_images}, "
@@ -849,16 +845,7 @@ class EmojiCrops(Dataset[tuple[Tensor, int]]):
         self.epoch = int(epoch)
 
     def _check_index(self, index: int) -> int:
-        n = len(self)
-        try:
-            i = int(index)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"index: expected an int, got {type(index).__name__}") from None
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
-        return i
+        return check_index(index, len(self))
 
     def render(self, index: int) -> np.ndarray:
         """Item ``index`` as ``float32[S, S, 3]``."""
