@@ -2,6 +2,9 @@
 
 * :class:`DigitsDataset` — real MNIST digits on cluttered canvases (the default demo data);
   :data:`BASE_CLASSES` (0-7) / :data:`NOVEL_CLASSES` (8, 9).
+* :class:`EmojiLogosDataset` — Google / Twitter emoji pasted on scikit-image photographs, with a fixed
+  base / novel class split (:func:`emoji_classes`); :class:`EmojiCrops` for metric learning. The
+  images come from npm (`make emoji-data`).
 * Readers sharing the :class:`DetectionDataset` interface: :class:`COCODataset`,
   :class:`VOCDataset`, :class:`YOLODataset`, :class:`CSVDataset`; writers :func:`write_coco`,
   :func:`write_voc`, :func:`write_yolo`, :func:`write_csv`, and :func:`export_dataset`.
