@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from fewsight.data._paste import iou_one_many
 from fewsight.data.dataset import DetectionDataset, Target
 from fewsight.errors import DataError, InvalidArgumentError, MissingDependencyError, check_choice
 
@@ -145,17 +146,6 @@ def _resize(arr: np.ndarray, width: int, height: int, resample: int = Image.BILI
         out = np.asarray(Image.fromarray(arr).resize((width, height), resample), dtype=np.float32)
         return out * (1.0 / 255.0)
     return np.asarray(Image.fromarray(arr.astype(np.float32)).resize((width, height), resample), dtype=np.float32)
-
-
-def _iou_one_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    if len(boxes) == 0:
-        return np.zeros(0)
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area = (box[2:] - box[:2]).prod()
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
-    return inter / (area + areas - inter)
 
 
 def _blend(canvas: np.ndarray, alpha: np.ndarray, value: float, y: int, x: int) -> None:
@@ -421,7 +411,7 @@ class DigitsDataset(DetectionDataset):
             for _try in range(30):
                 y, x = int(rng.integers(0, h - ah + 1)), int(rng.integers(0, w - aw + 1))
                 box = np.array([x, y, x + aw, y + ah], dtype=np.float64)
-                if len(boxes) == 0 or _iou_one_many(box, boxes).max() <= self.max_overlap:
+                if len(boxes) == 0 or iou_one_many(box, boxes).max() <= self.max_overlap:
                     boxes = np.concatenate((boxes, box[None]))
                     labels.append(label)
                     pastes.append((alpha, y, x))

@@ -75,6 +75,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fewsight.data._paste import iou_one_many
 from fewsight.data.dataset import DetectionDataset, Target, check_index
 from fewsight.errors import DataError, FewsightError, InvalidArgumentError, MissingDependencyError, check_choice
 
@@ -526,17 +527,6 @@ def _blend(canvas: np.ndarray, rgba: np.ndarray, y: int, x: int) -> None:
     region += rgba[..., 3:] * (rgba[..., :3] - region)
 
 
-def _iou_one_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    if len(boxes) == 0:
-        return np.zeros(0)
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area = (box[2:] - box[:2]).prod()
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
-    return inter / (area + areas - inter)
-
-
 class _EmojiSource:
     """Class images of the selected styles with their alpha bounding boxes (shared by both datasets)."""
 
@@ -705,7 +695,7 @@ class EmojiLogosDataset(DetectionDataset):
             for _try in range(30):
                 y, x = int(rng.integers(0, h - ah + 1)), int(rng.integers(0, w - aw + 1))
                 box = np.array([x, y, x + aw, y + ah], dtype=np.float64)
-                if len(boxes) == 0 or _iou_one_many(box, boxes).max() <= self.max_overlap:
+                if len(boxes) == 0 or iou_one_many(box, boxes).max() <= self.max_overlap:
                     boxes = np.concatenate((boxes, box[None]))
                     labels.append(label)
                     styles.append(STYLES.index(self.styles[s]))
