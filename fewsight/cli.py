@@ -252,31 +252,18 @@ def _infer_format(data: Path) -> str:
     raise FileNotFoundError(f"{data}: no such file or folder")
 
 
-class _Relabeled:
-    """A dataset whose labels are re-indexed into the model's classes (by name)."""
-
-    def __init__(self, dataset: Any, lookup: Any, classes: list[str]) -> None:
-        self.dataset, self.lookup, self.classes = dataset, lookup, classes
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        image, target = self.dataset[index]
-        return image, {**target, "labels": self.lookup[target["labels"]]}
-
-
 def _relabel(dataset: Any, classes: list[str], source: Path) -> Any:
     """Map a reader's own class names onto the model's (a file may hold a subset of them)."""
     import torch
 
+    from fewsight.data import RelabeledDataset
     from fewsight.errors import DataError
 
     unknown = [c for c in dataset.classes if c not in classes]
     if unknown:
         raise DataError(source, f"unknown class(es) {unknown} (the model knows {classes})")
     lookup = torch.tensor([classes.index(c) for c in dataset.classes], dtype=torch.int64)
-    return _Relabeled(dataset, lookup, list(classes))
+    return RelabeledDataset(dataset, lookup, list(classes))
 
 
 def _eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:

@@ -48,6 +48,7 @@ __all__ = [
     "check_index",
     "DetectionDataset",
     "ImageFileDataset",
+    "RelabeledDataset",
     "SkippedItem",
     "Target",
     "load_image",
@@ -153,6 +154,32 @@ def check_index(index: Any, n: int) -> int:
     if not 0 <= i < n:
         raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
     return i
+
+
+class RelabeledDataset(Dataset[tuple[Tensor, Target]]):
+    """A view of ``dataset`` whose labels go through ``mapping`` (``Long[K]``, old label -> new label);
+    boxes mapped to ``-1`` are dropped from the target. ``classes``: the view's class names.
+
+    >>> import torch
+    >>> from fewsight.data import DigitsDataset
+    >>> view = RelabeledDataset(DigitsDataset("test", 2, classes=[3, 5]), torch.tensor([-1, 0]), ["5"])
+    >>> bool((view[0][1]["labels"] == 0).all()), view.classes
+    (True, ['5'])
+    """
+
+    def __init__(self, dataset: Any, mapping: Sequence[int] | Tensor, classes: Sequence[str] | None = None) -> None:
+        self.dataset = dataset
+        self.mapping = torch.as_tensor(mapping, dtype=torch.long)
+        self.classes = list(classes) if classes is not None else list(getattr(dataset, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image, target = self.dataset[index]
+        labels = self.mapping[target["labels"]]
+        keep = labels >= 0
+        return image, {**target, "boxes": target["boxes"][keep], "labels": labels[keep]}
 
 
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fewsight.data.dataset import RelabeledDataset
 from fewsight.errors import InvalidArgumentError
 from fewsight.eval.evaluate import evaluate_model, model_device
 
@@ -235,22 +236,6 @@ def _ap50(metrics: Mapping[str, Any], names: Sequence[str]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-class _Relabeled:
-    """A dataset view whose labels are mapped through ``mapping`` (``-1``: dropped from the target)."""
-
-    def __init__(self, dataset: Any, mapping: Sequence[int]) -> None:
-        self.dataset, self.mapping = dataset, torch.tensor(list(mapping), dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image, t = self.dataset[i]
-        labels = self.mapping[t["labels"]]
-        keep = labels >= 0
-        return image, {"boxes": t["boxes"][keep], "labels": labels[keep]}
-
-
 def run_fewshot(
     model: nn.Module,
     *,
@@ -316,11 +301,11 @@ def run_fewshot(
     base_only = [order.index(n) if n in base_names else -1 for n in names]
     result = FewShotResult()
     start = time.perf_counter()
-    before = evaluate_model(model, _Relabeled(test_dataset, base_only), batch_size, class_names=base_names,
+    before = evaluate_model(model, RelabeledDataset(test_dataset, base_only), batch_size, class_names=base_names,
                             progress=progress, description="base model")
     result.base_before = {"ap50": round(_ap50(before, base_names), 4), "map50": before["map50"]}
     say(f"base model: base AP50 {result.base_before['ap50']:.4f}")
-    test_view = _Relabeled(test_dataset, to_model)
+    test_view = RelabeledDataset(test_dataset, to_model)
     for k in shots:
         for seed in seeds:
             support = sample_support(support_dataset, novel, k, seed)
