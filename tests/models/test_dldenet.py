@@ -27,18 +27,9 @@ from fewsight.models.dldenet import (
     focal_loss_from_log_probs,
     log1mexp,
 )
+from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions gain nothing from a second thread, and on a shared 2-core machine an
-    # OpenMP barrier waiting for a descheduled thread makes a 0.15 s training step take 8 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 2, **kw) -> DLDENet:

@@ -19,18 +19,9 @@ from fewsight.models import RetinaNet
 from fewsight.losses.focal import focal_loss_detection
 from fewsight.models.detector import detection_focal_loss, postprocess_detections, preprocess_images, prepare_targets
 from fewsight.models.retinanet import retinanet_loss
+from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions gain nothing from a second thread, and on a shared 2-core machine an
-    # OpenMP barrier waiting for a descheduled thread makes a 0.15 s training step take 8 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 3, **kw) -> RetinaNet:
