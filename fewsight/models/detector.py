@@ -744,16 +744,22 @@ class DenseDetector(nn.Module):
             raise ShapeError(f"backbone: expected {len(self.levels)} feature maps (levels {self.levels}), got {len(features)}")
         outputs = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-        anchors = self.anchors_for(sizes, batch.tensor.device)
+        anchors, level_sizes = self._anchors_and_level_sizes(sizes, batch)
+        self._check_head_outputs(outputs, batch.tensor.shape[0], anchors.shape[0])
+        return HeadOutput(outputs, anchors, level_sizes, batch)
+
+    def _anchors_and_level_sizes(self, sizes: list[tuple[int, int]], batch: ImageBatch) -> tuple[Tensor, list[int]]:
+        """``Tensor[A, 4]`` anchors for the per-level feature ``sizes`` and the anchors per level."""
         k = self.anchor_generator.num_anchors_per_location
-        level_sizes = [h * w * k for h, w in sizes]
+        return self.anchors_for(sizes, batch.tensor.device), [h * w * k for h, w in sizes]
+
+    def _check_head_outputs(self, outputs: Mapping[str, Tensor], batch_size: int, num_anchors: int) -> None:
         for name, value in outputs.items():
-            if value.ndim != 3 or value.shape[:2] != (batch.tensor.shape[0], anchors.shape[0]):
+            if value.ndim != 3 or value.shape[:2] != (batch_size, num_anchors):
                 raise ShapeError(
-                    f"head output {name!r}: expected Tensor[{batch.tensor.shape[0]}, {anchors.shape[0]}, ...] "
+                    f"head output {name!r}: expected Tensor[{batch_size}, {num_anchors}, ...] "
                     f"(one row per anchor), got shape {tuple(value.shape)}"
                 )
-        return HeadOutput(outputs, anchors, level_sizes, batch)
 
     def prepare_targets(self, targets: Any, batch: ImageBatch) -> PaddedTargets:
         """Targets in input-image coordinates -> padded, scaled to the network input, labels checked."""

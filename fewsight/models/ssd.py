@@ -41,7 +41,7 @@ from fewsight.errors import InvalidArgumentError, ShapeError
 from fewsight.geometry import SSD300_ASPECT_RATIOS, BoxCoder, PaddedTargets, default_boxes, feature_size
 from fewsight.losses.multibox import _check_options, multibox_loss
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from fewsight.models.detector import DenseDetector, HeadOutput
+from fewsight.models.detector import DenseDetector, ImageBatch
 
 __all__ = ["SSD", "DefaultBoxGenerator", "SSDHead", "ssd_loss"]
 
@@ -454,30 +454,18 @@ class SSD(DenseDetector):
             raise InvalidArgumentError("image_size: expected the (H, W) of the network input for SSD default boxes, got None")
         return self.default_box_generator.grid_anchors(feature_sizes, torch.float32, device, image_size=image_size)
 
-    def forward_head(self, images: Tensor | Sequence[Tensor]) -> HeadOutput:
-        """Preprocess, backbone, head, default boxes -> :class:`~fewsight.models.detector.HeadOutput`."""
-        batch = self.preprocess(images)
-        features = self.backbone(batch.tensor)
-        if len(features) != len(self.levels):
-            raise ShapeError(f"backbone: expected {len(self.levels)} feature maps (levels {self.levels}), got {len(features)}")
-        outputs = self.head(features)
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+    def _anchors_and_level_sizes(self, sizes: list[tuple[int, int]], batch: ImageBatch) -> tuple[Tensor, list[int]]:
         anchors = self.anchors_for(sizes, batch.tensor.device, image_size=batch.tensor.shape[-2:])
-        level_sizes = [h * w * k for (h, w), k in zip(sizes, self.default_box_generator.num_boxes_per_level)]
-        b = batch.tensor.shape[0]
-        for name, value in outputs.items():
-            if value.ndim != 3 or value.shape[:2] != (b, anchors.shape[0]):
-                raise ShapeError(
-                    f"head output {name!r}: expected Tensor[{b}, {anchors.shape[0]}, ...] (one row per default box), "
-                    f"got shape {tuple(value.shape)}"
-                )
+        return anchors, [h * w * k for (h, w), k in zip(sizes, self.default_box_generator.num_boxes_per_level)]
+
+    def _check_head_outputs(self, outputs: Mapping[str, Tensor], batch_size: int, num_anchors: int) -> None:
+        super()._check_head_outputs(outputs, batch_size, num_anchors)
         logits = outputs["cls_logits"]
         if logits.shape[-1] != self.num_classes + 1:
             raise ShapeError(
                 f"head output 'cls_logits': expected Tensor[B, A, {self.num_classes + 1}] (C + 1, index 0 background), "
                 f"got shape {tuple(logits.shape)}"
             )
-        return HeadOutput(outputs, anchors, level_sizes, batch)
 
     def compute_loss(self, head_outputs: Mapping[str, Tensor], anchors: Tensor, targets: Any) -> dict[str, Tensor]:
         """Weighted ``{"classification", "box_regression"}`` (see :func:`ssd_loss`) from head outputs,
