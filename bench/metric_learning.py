@@ -290,6 +290,27 @@ def train(
     return net, {"train_s": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-10:]))}
 
 
+@torch.no_grad()
+def save_embeddings(
+    net: nn.Module, sets: dict[str, tuple[EmojiCrops, EmojiCrops]], train_set: EmojiCrops, args: argparse.Namespace,
+    path: Path,
+) -> None:
+    out: dict[str, Tensor] = {}
+    for name, (queries, gallery) in sets.items():
+        out[f"{name}_query"], out[f"{name}_gallery"] = embed(net, queries, args.device), embed(net, gallery, args.device)
+        out[f"{name}_query_labels"] = torch.as_tensor(queries.labels)
+        out[f"{name}_gallery_labels"] = torch.as_tensor(gallery.labels)
+    views, labels = [], []
+    for epoch in (1000, 1001):  # augmentations never used in training
+        train_set.set_epoch(epoch)
+        views.append(embed(net, train_set, args.device))
+        labels.append(torch.as_tensor(train_set.labels))
+    out["train_views"], out["train_labels"] = torch.cat(views), torch.cat(labels)
+    out["train_styles"] = torch.as_tensor(np.tile(train_set.item_styles, 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+
+
 def mobilenet_features(device: torch.device) -> Callable[[Tensor], Tensor]:
     import torchvision
 
@@ -359,6 +380,9 @@ def main() -> None:
     p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="e.g. cuda for longer runs")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--verbose", action="store_true", help="print the loss after each epoch")
+    p.add_argument("--save-embeddings", type=Path, default=None,
+                   help="trained rows: save the novel / base query and gallery embeddings and those of 2 augmented "
+                        "epochs of the training set to DIR/<method>_seed<seed>.pt (for post-hoc analysis)")
     p.add_argument("--eval-every", type=int, default=0, help="with --verbose: Recall@1 every N epochs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -391,6 +415,8 @@ def main() -> None:
                 )  # fmt: skip
                 net, info = train(name, args, train_set, sets, seed)
                 fn = net
+                if args.save_embeddings:
+                    save_embeddings(net, sets, train_set, args, args.save_embeddings / f"{name}_seed{seed}.pt")
             t1 = time.perf_counter()
             with torch.inference_mode():
                 info.update(evaluate(fn, sets, args.device))

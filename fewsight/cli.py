@@ -122,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     en.add_argument("--seed", type=int, default=0, help="seed of the --shots sample (default 0)")
     en.add_argument("--calibrate", action="store_true",
                     help="set each new class's bias from the support images' background (see DLDENet.enroll)")
+    en.add_argument("--rivalry", type=float, default=5.0,
+                    help="gate new classes by how much closer an object is to them than to the best trained class: "
+                         "p * sigmoid(R (cos - best trained cos)) (see DLDENet.enroll; 0: no gate; default 5)")
     en.add_argument("--out", required=True, help="output detector file (.pt)")
 
     be = sub.add_parser(
@@ -135,23 +138,37 @@ def _build_parser() -> argparse.ArgumentParser:
         help="k-shot enrollment (+ fine-tuning) of novel classes: novel / base AP50, mean ± 95%% interval",
         description="The few-shot protocol: for each k and seed, sample k boxed examples per novel class, enroll "
         "them (and, with --modes finetune, fine-tune briefly on a balanced k-shot set), evaluate novel and base "
-        "AP50 on the test set; writes OUT/results.json and OUT/fewshot.png.",
+        "AP50 on the test set; writes OUT/results.json and OUT/fewshot.png (emoji: OUT/fewshot_<style>.png, one per "
+        "test style).",
     )
     fs.add_argument("--checkpoint", required=True, help="a DLDENet trained on the base classes")
-    fs.add_argument("--data", default="digits", choices=("digits",),
-                    help="benchmark data: digits (base 0-7, novel 8-9; default)")
+    fs.add_argument("--data", default="digits", choices=("digits", "emoji"),
+                    help="benchmark data: digits (base 0-7, novel 8-9; default) or emoji (the 956 emoji-logos base "
+                    "classes, --novel-classes novel ones enrolled from Google-style examples, tested on Google- and "
+                    "Twitter-style scenes; needs `make emoji-data`)")
     fs.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="k values (default 1 5 10)")
     fs.add_argument("--seeds", type=int, default=5, help="support sets per k (seeds 0..N-1; default 5)")
     fs.add_argument("--modes", nargs="+", default=["enroll"], choices=("enroll", "finetune"),
                     help="enroll only, and/or enroll + fine-tune (default: enroll)")
     fs.add_argument("--calibrate", action="store_true", help="enroll with calibrated biases (see DLDENet.enroll)")
+    fs.add_argument("--rivalry", type=float, default=5.0,
+                    help="rivalry R of the enrolled classes (see DLDENet.enroll; 0: no gate; default 5)")
     fs.add_argument("--finetune-steps", type=int, default=50)
     fs.add_argument("--finetune-lr", type=float, default=1e-4)
-    fs.add_argument("--num-images", type=int, default=200, help="test images (default 200)")
+    fs.add_argument("--num-images", type=int, help="test images (per style for emoji; default 200, emoji 300)")
     fs.add_argument("--batch-size", type=int, default=16)
     fs.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    fs.add_argument("--device", help="run the models on this torch device, e.g. cuda (default: cpu)")
     fs.add_argument("--out", default="runs/fewshot", help="output folder (default: runs/fewshot)")
     fs.add_argument("--quiet", action="store_true", help="no progress bars")
+    fe = fs.add_argument_group("emoji (with --data emoji)")
+    fe.add_argument("--emoji-root", help="the emoji data folder (default: data/emoji)")
+    fe.add_argument("--novel-classes", type=int, metavar="N",
+                    help="enroll N novel classes (fewsight.eval.fewshot_emoji.emoji_novel_subset, seed 0; default 50)")
+    fe.add_argument("--image-size", type=int, help="canvas side of the support and test images (default 192)")
+    fe.add_argument("--reference", metavar="CHECKPOINT",
+                    help="a detector trained with full supervision on the novel classes (configs/emoji_supervised.yaml); "
+                    "its novel AP50 is reported and each k-shot novel AP50 is divided by it")
     br = bsub.add_parser(
         "retrieval",
         help="object retrieval (Recall@k, MAP@R) and open-set rejection (AUROC, FPR@95%%TPR)",
@@ -423,10 +440,11 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if names is None and (args.format == "digits" or args.support == "digits"):
         names = ["8", "9"]
     before = list(model.classes)
-    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, calibrate=args.calibrate)
+    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, calibrate=args.calibrate,
+                              rivalry=args.rivalry)
     added = [model.classes[i] for i in new]
     save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
-                                             "seed": args.seed, "base_classes": before})
+                                             "seed": args.seed, "rivalry": args.rivalry, "base_classes": before})
     print(f"enrolled {', '.join(added)} ({'every box' if args.shots is None else f'{args.shots} per class'}); "
           f"the model now has {len(model.classes)} classes; wrote {args.out}")
     return 0
@@ -439,6 +457,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fewsight.errors import InvalidArgumentError
     from fewsight.eval import plot_fewshot, run_fewshot, write_json
 
+    if args.bench == "fewshot" and args.num_images is None:
+        args.num_images = 300 if args.data == "emoji" else 200
     for flag, value in (("--num-images", args.num_images), ("--seeds", getattr(args, "seeds", 1))):
         if value < 1:
             raise InvalidArgumentError(f"{flag}: expected an int >= 1, got {value}")
@@ -461,18 +481,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data == "emoji":
+        return _bench_fewshot_emoji(args)
+    for flag in ("emoji_root", "novel_classes", "image_size", "reference"):
+        if getattr(args, flag) is not None:
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')}: expected only with --data emoji, got --data {args.data}")
     model = _load_dldenet(args.checkpoint)
+    if args.device is not None:
+        model.to(_device(args.device))
     support = fd.DigitsDataset("train", 300, seed=100)
     test = fd.DigitsDataset("test", args.num_images, seed=1)
     novel = [c for c, name in enumerate(test.classes) if name not in model.classes]
     result = run_fewshot(
         model, support_dataset=support, test_dataset=test, novel_classes=novel, shots=args.shots,
         seeds=range(args.seeds), modes=args.modes, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-        batch_size=args.batch_size, calibrate=args.calibrate, progress=not args.quiet, log=print,
+        batch_size=args.batch_size, calibrate=args.calibrate, rivalry=args.rivalry, progress=not args.quiet, log=print,
     )
     out = Path(args.out)
     payload = {"data": args.data, "checkpoint": str(args.checkpoint), "novel": [test.classes[c] for c in novel],
-               "calibrate": args.calibrate,
+               "calibrate": args.calibrate, "rivalry": args.rivalry,
                "threads": torch.get_num_threads(), **result.to_dict()}
     write_json(payload, out / "results.json")
     plot_fewshot(result.summary(), out / "fewshot.png", base_before=result.base_before["ap50"],
@@ -482,6 +509,105 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"{row['mode']:8s} k={row['k']:<3d} novel AP50 {row['novel_ap50']:.4f} ± {row['novel_ap50_ci95']:.4f}  "
               f"base AP50 {row['base_ap50']:.4f} ± {row['base_ap50_ci95']:.4f}  ({row['seeds']} seeds)")
     print(f"wrote {out / 'results.json'} and {out / 'fewshot.png'}")
+    return 0
+
+
+def _device(spec: str) -> Any:
+    import torch
+
+    from fewsight.errors import InvalidArgumentError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InvalidArgumentError(f"--device: expected a torch device such as cpu or cuda, got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"--device: expected an available device, got {spec!r} (torch.cuda.is_available() is False)")
+    return device
+
+
+def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
+    """``bench fewshot --data emoji``: enroll novel emoji from Google-style examples, test in both styles."""
+    import torch
+
+    from fewsight.data.emoji import DEFAULT_ROOT, emoji_classes
+    from fewsight.errors import InvalidArgumentError
+    from fewsight.eval import plot_fewshot, write_json
+    from fewsight.eval.fewshot_emoji import base_support_size, emoji_fewshot_datasets, emoji_novel_subset, run_emoji_fewshot
+    from fewsight.train import load_detector
+
+    root = Path(args.emoji_root) if args.emoji_root is not None else DEFAULT_ROOT
+    n = 50 if args.novel_classes is None else args.novel_classes
+    image_size = 192 if args.image_size is None else args.image_size
+    emoji_size, objects = (24, 64), (2, 6)  # the training recipe's (configs/emoji_base.yaml)
+    catalog = emoji_classes(root)  # DataError with the install hint when the data is absent
+    if not 1 <= n <= len(catalog.novel):
+        raise InvalidArgumentError(f"--novel-classes: expected an int in [1, {len(catalog.novel)}], got {n}")
+    if image_size < emoji_size[1]:
+        raise InvalidArgumentError(f"--image-size: expected >= {emoji_size[1]} (the largest emoji side), got {image_size}")
+    model = _load_dldenet(args.checkpoint)
+    base_names = sorted(catalog.names[i] for i in catalog.base)
+    if sorted(model.classes) != base_names:
+        raise InvalidArgumentError(
+            f"--checkpoint: expected a DLDENet over the {len(base_names)} emoji base classes (configs/emoji_base.yaml), "
+            f"got one over {len(model.classes)} classes {list(model.classes)[:5]}{'...' if len(model.classes) > 5 else ''}"
+        )
+    novel = emoji_novel_subset(root, n, seed=0)
+    novel_names = [catalog.names[i] for i in novel]
+    reference = None
+    if args.reference is not None:
+        reference = load_detector(args.reference)
+        ref_names = [str(c) for c in getattr(reference, "classes", [])]
+        if sorted(ref_names) != sorted(novel_names):
+            raise InvalidArgumentError(
+                f"--reference: expected a detector over the {n} novel classes of --novel-classes {n} "
+                f"(configs/emoji_supervised.yaml for 50: {', '.join(novel_names[:3])}, ...), got one over "
+                f"{len(ref_names)} classes {ref_names[:5]}{'...' if len(ref_names) > 5 else ''}"
+            )
+    if args.device is not None:
+        device = _device(args.device)
+        model.to(device)
+        if reference is not None:
+            reference.to(device)
+    # Fine-tuning samples a balanced k-shot set of every class: base canvases to draw the base instances from.
+    num_base_support = 0
+    if "finetune" in args.modes:
+        num_base_support = base_support_size(len(catalog.base), max(1, *args.shots), sum(objects) / 2)
+    data = emoji_fewshot_datasets(root, novel, num_test=args.num_images, num_base_support=num_base_support,
+                                  image_size=image_size, emoji_size=emoji_size, min_objects=objects[0],
+                                  max_objects=objects[1])
+    result = run_emoji_fewshot(
+        model, data, reference=reference, shots=args.shots, seeds=range(args.seeds), modes=args.modes,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, batch_size=args.batch_size,
+        calibrate=args.calibrate, rivalry=args.rivalry, progress=not args.quiet, log=print,
+    )
+    out = Path(args.out)
+    ref = None if result["reference"] is None else {"checkpoint": str(args.reference), **result["reference"]}
+    payload = {
+        "data": "emoji", "checkpoint": str(args.checkpoint), "emoji_root": str(root), "novel": data.novel_names,
+        "novel_class_indices": list(data.novel_subset), "test_base": [data.classes[c] for c in data.test_base],
+        "support_style": data.support_style, "image_size": image_size, "num_images": args.num_images,
+        "num_support_images": len(data.support), "calibrate": args.calibrate, "rivalry": args.rivalry,
+        "threads": torch.get_num_threads(), "reference": ref, "styles": result["styles"],
+    }
+    write_json(payload, out / "results.json")
+    plots = []
+    for style, part in result["styles"].items():
+        path = out / f"fewshot_{style}.png"
+        plot_fewshot(part["summary"], path, base_before=part["base_before"]["ap50"],
+                     title=f"emoji: {style} scenes ({part['role']}), enrolled from {data.support_style}")
+        plots.append(path)
+        print(f"{style} ({part['role']}): base AP50 before enrollment {part['base_before']['ap50']:.4f}")
+    if ref is not None:
+        print("reference (full supervision on the novel classes): novel AP50 "
+              + "  ".join(f"{style} {ref[style]['novel_ap50']:.4f}" for style in result["styles"]))
+    for style, part in result["styles"].items():
+        for row in part["summary"]:
+            ratio = f" ({row['novel_ap50_vs_reference']:.2f} x reference)" if ref is not None else ""
+            print(f"{style:8s} {row['mode']:8s} k={row['k']:<3d} novel AP50 {row['novel_ap50']:.4f} ± "
+                  f"{row['novel_ap50_ci95']:.4f}{ratio}  base AP50 {row['base_ap50']:.4f} ± {row['base_ap50_ci95']:.4f}"
+                  f"  ({row['seeds']} seeds)")
+    print(f"wrote {out / 'results.json'} and {', '.join(str(p) for p in plots)}")
     return 0
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "DIGIT_CLASSES",
     "NOVEL_CLASSES",
     "SPLITS",
+    "VARIANTS",
     "DigitsCanvas",
     "DigitsDataset",
     "digit_pools",
@@ -60,6 +61,15 @@ __all__ = [
 ]
 
 DIGIT_CLASSES: tuple[int, ...] = tuple(range(10))
+
+#: Glyph transforms that make extra, auxiliary classes of the base digits (``DigitsDataset(variants=...)``).
+#: A half turn is left out on purpose: it maps 6 onto 9, a novel class.
+VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mirror": lambda g: g[:, ::-1],
+    "flipud": lambda g: g[::-1],
+    "rot90": lambda g: np.rot90(g, 1),
+    "rot270": lambda g: np.rot90(g, -1),
+}
 BASE_CLASSES: tuple[int, ...] = tuple(range(8))
 NOVEL_CLASSES: tuple[int, ...] = (8, 9)
 SPLITS = ("train", "val", "test")
@@ -188,6 +198,10 @@ class DigitsDataset(DetectionDataset):
         invert_prob: probability of a white-background (inverted) canvas.
         contrast_jitter: canvas contrast factor drawn in ``[1 - c, 1 + c]``.
         ink_threshold: glyph opacity at which a pixel counts as ink for the tight box.
+        variants: names from :data:`VARIANTS`; each adds one auxiliary class per digit (the glyph
+            mirrored, flipped or turned a quarter), labels ``len(classes) * (v + 1) + c`` named
+            ``"3/mirror"``; every class, plain or variant, is drawn equally often. More base classes
+            make an embedding that separates shapes it was not trained on (few-shot base training).
         transforms: optional ``(image, target) -> (image, target)`` v2-style callable.
     """
 
@@ -210,11 +224,18 @@ class DigitsDataset(DetectionDataset):
         invert_prob: float = 0.0,
         contrast_jitter: float = 0.0,
         ink_threshold: float = 0.3,
+        variants: Sequence[str] = (),
         transforms: Callable[..., Any] | None = None,
     ) -> None:
         check_choice("split", split, SPLITS)
         digits = self._parse_classes(classes)
-        super().__init__([str(d) for d in digits], transforms=transforms)
+        variants = (variants,) if isinstance(variants, str) else tuple(variants)
+        for v in variants:
+            check_choice("variants", v, tuple(VARIANTS))
+        if len(set(variants)) != len(variants):
+            raise InvalidArgumentError(f"variants: expected distinct names, got {list(variants)}")
+        names = [str(d) for d in digits] + [f"{d}/{v}" for v in variants for d in digits]
+        super().__init__(names, transforms=transforms)
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         try:
@@ -249,6 +270,7 @@ class DigitsDataset(DetectionDataset):
         self.min_digits, self.max_digits = int(min_digits), int(max_digits)
         self.digit_size = (lo, hi)
         self.digits: tuple[int, ...] = digits
+        self.variants: tuple[str, ...] = variants
         self.seed, self.pool_seed = int(seed), int(pool_seed)
         self.max_overlap = float(max_overlap)
         self.clutter = bool(clutter)
@@ -390,9 +412,12 @@ class DigitsDataset(DetectionDataset):
         labels: list[int] = []
         pastes: list[tuple[np.ndarray, int, int]] = []
         for _ in range(n):
-            label = int(rng.integers(len(self.digits)))
-            pool = self._class_pools[label]
+            label = int(rng.integers(len(self.classes)))
+            variant, digit_label = divmod(label, len(self.digits))
+            pool = self._class_pools[digit_label]
             glyph = self._glyph(int(pool[rng.integers(len(pool))]))
+            if variant:
+                glyph = VARIANTS[self.variants[variant - 1]](glyph)
             gh, gw = glyph.shape
             height = rng.uniform(lo, hi)
             width = height * gw / gh * rng.uniform(0.85, 1.15)

@@ -130,12 +130,12 @@ def sample_support(dataset: Any, classes: Sequence[int], k: int, seed: int) -> S
 
 
 def enroll_support(model: nn.Module, images: Sequence[Tensor], support: SupportSet, names: Sequence[str],
-                   *, batch_size: int = 8, calibrate: bool = False) -> list[int]:
+                   *, batch_size: int = 8, calibrate: bool = False, rivalry: float = 0.0) -> list[int]:
     """``model.enroll`` with the support images and targets (on the model's device); returns the new indices."""
     device = model_device(model)
     images = [im.to(device) for im in images]
     targets = [{key: v.to(device) for key, v in t.items()} for t in support.targets]
-    return model.enroll(images, targets, list(names), batch_size=batch_size, calibrate=calibrate)
+    return model.enroll(images, targets, list(names), batch_size=batch_size, calibrate=calibrate, rivalry=rivalry)
 
 
 def finetune(
@@ -249,6 +249,7 @@ def run_fewshot(
     finetune_lr: float = 1e-4,
     batch_size: int = 8,
     calibrate: bool = False,
+    rivalry: float = 0.0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FewShotResult:
@@ -261,6 +262,7 @@ def run_fewshot(
         shots, seeds, modes: the grid (``modes`` from ``"enroll"``, ``"finetune"``).
         finetune_steps, finetune_lr: :func:`finetune` settings of ``"finetune"`` mode.
         calibrate: enroll with calibrated biases (``DLDENet.enroll(calibrate=True)``).
+        rivalry: the novel classes' rivalry (``DLDENet.enroll(rivalry=...)``; 0: plain cosine scores).
     """
     for mode in modes:
         if mode not in MODES:
@@ -313,7 +315,8 @@ def run_fewshot(
             balanced = None
             for mode in modes:
                 run_model = copy.deepcopy(model)
-                enroll_support(run_model, images, support, novel_names, batch_size=batch_size, calibrate=calibrate)
+                enroll_support(run_model, images, support, novel_names, batch_size=batch_size, calibrate=calibrate,
+                               rivalry=rivalry)
                 steps = 0
                 if mode == "finetune":
                     if balanced is None:
@@ -346,8 +349,10 @@ def enroll_from_dataset(
     seed: int = 0,
     batch_size: int = 8,
     calibrate: bool = False,
+    rivalry: float = 0.0,
 ) -> list[int]:
-    """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes (``calibrate``: see ``DLDENet.enroll``).
+    """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes (``calibrate``, ``rivalry``: see
+    ``DLDENet.enroll``).
 
     ``names``: the dataset classes to enroll (default: every dataset class the model does not know).
     ``k``: use ``k`` sampled instances per class (:func:`sample_support` with ``seed``); default: every
@@ -381,4 +386,5 @@ def enroll_from_dataset(
                 indices.append(i)
                 targets.append({"boxes": t["boxes"], "labels": labels})
         support = SupportSet(indices, targets, wanted, 0)
-    return enroll_support(model, support.images(dataset), support, names, batch_size=batch_size, calibrate=calibrate)
+    return enroll_support(model, support.images(dataset), support, names, batch_size=batch_size, calibrate=calibrate,
+                          rivalry=rivalry)

@@ -1,7 +1,7 @@
 """Build datasets and detectors from their config sections.
 
-* :func:`build_dataset` / :func:`build_datasets` — ``digits`` / ``coco`` / ``voc`` / ``yolo`` /
-  ``csv`` datasets; the val / test splits default to the training classes so labels agree.
+* :func:`build_dataset` / :func:`build_datasets` — ``digits`` / ``emoji`` / ``coco`` / ``voc`` /
+  ``yolo`` / ``csv`` datasets; the val / test splits default to the training classes so labels agree.
 * :func:`build_model` — ``RetinaNet`` / ``DLDENet`` / ``SSD`` from :mod:`fewsight.models` with
   ``num_classes`` and class names from the training set. The returned model remembers its
   :func:`model_spec` (name, constructor arguments, classes) so :func:`fewsight.train.save_detector`
@@ -39,6 +39,7 @@ __all__ = [
 
 _DATASET_CLASSES = {
     "digits": "DigitsDataset",
+    "emoji": "EmojiLogosDataset",
     "coco": "COCODataset",
     "voc": "VOCDataset",
     "yolo": "YOLODataset",

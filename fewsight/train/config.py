@@ -17,8 +17,9 @@ A config file mirrors :class:`TrainConfig`::
 
 * ``data.train`` / ``data.val`` / ``data.test``: ``type`` is one of :data:`DATASET_TYPES` and every
   other key is an argument of that dataset class (``digits`` ->
-  :class:`~fewsight.data.DigitsDataset`, ``coco`` -> :class:`~fewsight.data.COCODataset`, ``voc``,
-  ``yolo``, ``csv``). Relative paths are relative to the current working directory.
+  :class:`~fewsight.data.DigitsDataset`, ``emoji`` -> :class:`~fewsight.data.EmojiLogosDataset`,
+  ``coco`` -> :class:`~fewsight.data.COCODataset`, ``voc``, ``yolo``, ``csv``). Relative paths are
+  relative to the current working directory.
 * ``model``: ``name`` is one of :data:`MODEL_NAMES`; ``num_classes`` defaults to the training
   set's class count; every other key is a keyword argument of the model's constructor.
 * Everything else is a field of the dataclasses below.
@@ -74,7 +75,7 @@ __all__ = [
     "save_config",
 ]
 
-DATASET_TYPES = ("digits", "coco", "voc", "yolo", "csv")
+DATASET_TYPES = ("digits", "emoji", "coco", "voc", "yolo", "csv")
 MODEL_NAMES = ("dldenet", "retinanet", "ssd")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
 OPTIMIZERS = ("sgd", "adamw", "adam")

@@ -186,3 +186,29 @@ def test_index_out_of_range():
     ds = DigitsDataset("train", num_images=3)
     with pytest.raises(IndexError, match="index"):
         ds[3]
+
+
+def test_variants_add_auxiliary_classes_and_leave_plain_canvases_alone():
+    from fewsight.data.digits import VARIANTS
+
+    plain = DigitsDataset("train", 6, classes=[3, 5], seed=2)
+    same = DigitsDataset("train", 6, classes=[3, 5], seed=2, variants=())
+    for i in range(6):
+        assert torch.equal(plain[i][0], same[i][0])
+    ds = DigitsDataset("train", 40, classes=[3, 5], seed=2, variants=["mirror", "rot90"], clutter=False)
+    assert ds.classes == ["3", "5", "3/mirror", "5/mirror", "3/rot90", "5/rot90"]
+    labels = torch.cat([ds[i][1]["labels"] for i in range(len(ds))])
+    assert set(labels.tolist()) == set(range(6))
+    # A rot90 glyph is the turned digit: its box is as wide as a plain one is tall, on average.
+    h = {v: [] for v in (0, 2)}
+    for i in range(len(ds)):
+        t = ds[i][1]
+        for box, label in zip(t["boxes"], t["labels"]):
+            if int(label) // 2 in h:
+                h[int(label) // 2].append(float((box[3] - box[1]) / (box[2] - box[0])))
+    assert sum(h[0]) / len(h[0]) > 1.0 > sum(h[2]) / len(h[2])
+    assert set(VARIANTS) == {"mirror", "flipud", "rot90", "rot270"}
+    with pytest.raises(InvalidArgumentError):
+        DigitsDataset("train", 1, variants=["rot180"])  # maps 6 onto 9, a novel class
+    with pytest.raises(InvalidArgumentError):
+        DigitsDataset("train", 1, variants=["mirror", "mirror"])
