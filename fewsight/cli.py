@@ -546,12 +546,14 @@ def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
     if image_size < emoji_size[1]:
         raise InvalidArgumentError(f"--image-size: expected >= {emoji_size[1]} (the largest emoji side), got {image_size}")
     model = _load_dldenet(args.checkpoint)
-    base_names = sorted(catalog.names[i] for i in catalog.base)
-    if sorted(model.classes) != base_names:
+    base_index = {catalog.names[i]: i for i in catalog.base}
+    not_base = [c for c in model.classes if c not in base_index]
+    if not model.classes or not_base:
         raise InvalidArgumentError(
-            f"--checkpoint: expected a DLDENet over the {len(base_names)} emoji base classes (configs/emoji_base.yaml), "
-            f"got one over {len(model.classes)} classes {list(model.classes)[:5]}{'...' if len(model.classes) > 5 else ''}"
+            f"--checkpoint: expected a DLDENet over emoji base classes (configs/emoji_base.yaml), got one over "
+            f"{len(model.classes)} classes, not base classes: {not_base[:5]}{'...' if len(not_base) > 5 else ''}"
         )
+    base = [base_index[c] for c in model.classes]  # the model's label order
     novel = emoji_novel_subset(root, n, seed=0)
     novel_names = [catalog.names[i] for i in novel]
     reference = None
@@ -572,8 +574,8 @@ def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
     # Fine-tuning samples a balanced k-shot set of every class: base canvases to draw the base instances from.
     num_base_support = 0
     if "finetune" in args.modes:
-        num_base_support = base_support_size(len(catalog.base), max(1, *args.shots), sum(objects) / 2)
-    data = emoji_fewshot_datasets(root, novel, num_test=args.num_images, num_base_support=num_base_support,
+        num_base_support = base_support_size(len(base), max(1, *args.shots), sum(objects) / 2)
+    data = emoji_fewshot_datasets(root, novel, base=base, num_test=args.num_images, num_base_support=num_base_support,
                                   image_size=image_size, emoji_size=emoji_size, min_objects=objects[0],
                                   max_objects=objects[1])
     result = run_emoji_fewshot(

@@ -47,6 +47,7 @@ from fewsight.eval.fewshot import run_fewshot
 __all__ = [
     "EmojiFewShotData",
     "base_support_size",
+    "emoji_base_subset",
     "emoji_fewshot_datasets",
     "emoji_novel_subset",
     "evaluate_reference",
@@ -55,6 +56,7 @@ __all__ = [
 
 _NOVEL_SALT = "fewshot-novel"
 _BASE_SALT = "fewshot-test-base"
+_TRAIN_BASE_SALT = "fewshot-train-base"
 
 
 def _ranked(indices: Sequence[int], unified: Sequence[str], seed: int, salt: str) -> list[int]:
@@ -78,6 +80,16 @@ def emoji_novel_subset(root: str | Path = DEFAULT_ROOT, n: int = 50, seed: int =
     catalog = emoji_classes(root)
     n = _check_count("n", n, len(catalog.novel))
     return tuple(sorted(_ranked(catalog.novel, catalog.unified, int(seed), _NOVEL_SALT)[:n]))
+
+
+def emoji_base_subset(root: str | Path = DEFAULT_ROOT, n: int = 100, seed: int = 0) -> tuple[int, ...]:
+    """``n`` of the base classes, chosen with ``seed``; sorted indices into ``emoji_classes(root).names``.
+
+    A CPU-sized base training set (``configs/emoji_base.yaml``: 100 classes); the full 956 are for a GPU.
+    """
+    catalog = emoji_classes(root)
+    n = _check_count("n", n, len(catalog.base))
+    return tuple(sorted(_ranked(catalog.base, catalog.unified, int(seed), _TRAIN_BASE_SALT)[:n]))
 
 
 class _Joined(Dataset[tuple[Tensor, Target]]):
@@ -151,6 +163,7 @@ def emoji_fewshot_datasets(
     root: str | Path = DEFAULT_ROOT,
     novel: Sequence[int] | None = None,
     *,
+    base: Sequence[int] | None = None,
     num_support: int = 300,
     num_test: int = 300,
     num_base_support: int = 0,
@@ -168,6 +181,8 @@ def emoji_fewshot_datasets(
         root: the emoji folder (``make emoji-data``).
         novel: the novel classes, indices into ``emoji_classes(root).names`` (default:
             ``emoji_novel_subset(root, 50, seed=0)``); each must be a novel class of the fixed split.
+        base: the base classes (the base model's), indices into ``emoji_classes(root).names`` in the
+            model's label order (default: all 956 of the split); each must be a base class.
         num_support: support canvases (split ``"train"``, ``support_style``) drawing only novel classes.
         num_test: canvases of each test set (split ``"test"``) drawing the novel classes and an
             equally large subset of base classes (chosen with ``seed``).
@@ -180,8 +195,8 @@ def emoji_fewshot_datasets(
             cross-style test set uses the other style.
         seed: seed of the canvases and of the test base subset.
 
-    Labels: base classes ``0 .. B-1`` in ``EmojiLogosDataset(classes="base").classes`` order (the base
-    model's), then the novel classes ``B ..`` in the given order.
+    Labels: base classes ``0 .. B-1`` in the order of ``base`` (the base model's), then the novel classes
+    ``B ..`` in the given order.
     """
     check_choice("support_style", support_style, STYLES)
     catalog = emoji_classes(root)
@@ -200,7 +215,11 @@ def emoji_fewshot_datasets(
             raise InvalidArgumentError(f"{name}: expected an int >= 1, got {value!r}")
     if isinstance(num_base_support, bool) or not isinstance(num_base_support, int) or num_base_support < 0:
         raise InvalidArgumentError(f"num_base_support: expected an int >= 0, got {num_base_support!r}")
-    base = tuple(catalog.base)
+    base = tuple(catalog.base) if base is None else tuple(int(c) for c in base)
+    if not base or len(set(base)) != len(base) or not set(base) <= set(catalog.base):
+        raise InvalidArgumentError(
+            f"base: expected distinct base-class indices (emoji_classes(root).base), got {list(base)[:10]}"
+        )
     nb = len(base)
     classes = [catalog.names[i] for i in base] + [catalog.names[i] for i in novel_subset]
     novel_labels = tuple(range(nb, nb + len(novel_subset)))
@@ -213,7 +232,7 @@ def emoji_fewshot_datasets(
                                       **canvas)
     support = RelabeledDataset(novel_support, list(novel_labels), classes)
     if num_base_support:
-        base_support = EmojiLogosDataset(root, "train", num_base_support, classes="base", style="both",
+        base_support = EmojiLogosDataset(root, "train", num_base_support, classes=list(base), style="both",
                                          **{**canvas, "seed": int(seed) + 1})  # other canvases than the novel ones
         support = _Joined([support, RelabeledDataset(base_support, list(range(nb)), classes)], classes)
 

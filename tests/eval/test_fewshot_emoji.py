@@ -18,6 +18,7 @@ from fewsight.eval.fewshot import _ap50
 from fewsight.eval.fewshot_emoji import (
     _mean_ap50,
     base_support_size,
+    emoji_base_subset,
     emoji_fewshot_datasets,
     emoji_novel_subset,
     evaluate_reference,
@@ -237,7 +238,7 @@ def test_bench_fewshot_emoji_bad_inputs(tmp_path, root, base_model, reference_mo
     assert "--reference: expected a detector over the 3 novel classes" in err
 
     assert main([*common, "--checkpoint", str(reference_model), "--novel-classes", "2"]) == 1
-    assert "--checkpoint: expected a DLDENet over the 6 emoji base classes" in _error_line(capsys)
+    assert "--checkpoint: expected a DLDENet over emoji base classes" in _error_line(capsys)
 
     assert main([*common, "--checkpoint", str(base_model), "--novel-classes", "7"]) == 1
     assert "--novel-classes: expected an int in [1, 6], got 7" in _error_line(capsys)
@@ -255,3 +256,19 @@ def test_bench_fewshot_emoji_bad_inputs(tmp_path, root, base_model, reference_mo
                  "--out", str(out)]) == 1  # digits
     assert "--reference: expected only with --data emoji" in _error_line(capsys)
     assert not (out / "results.json").exists()
+
+
+def test_a_base_subset_model_gets_its_own_label_list(root):
+    catalog = emoji_classes(root)
+    base = list(emoji_base_subset(root, 3, seed=0))
+    assert len(base) == 3 and set(base) <= set(catalog.base)
+    novel = emoji_novel_subset(root, 2, seed=0)
+    data = emoji_fewshot_datasets(root, novel, base=base[::-1], num_support=4, num_test=4, image_size=64,
+                                  emoji_size=(16, 32), background="plain", num_base_support=3)
+    assert data.classes == [catalog.names[i] for i in base[::-1]] + [catalog.names[i] for i in novel]
+    assert data.novel == (3, 4) and set(data.test_base) <= {0, 1, 2}
+    for ds in (data.support, data.test_same, data.test_cross):
+        for i in range(len(ds)):
+            assert (ds[i][1]["labels"] < 5).all()
+    with pytest.raises(InvalidArgumentError, match="base: expected distinct base-class indices"):
+        emoji_fewshot_datasets(root, novel, base=[novel[0]])

@@ -12,7 +12,7 @@ import yaml
 
 from fewsight.data import EmojiLogosDataset, emoji_classes
 from fewsight.errors import ConfigError
-from fewsight.eval.fewshot_emoji import emoji_novel_subset
+from fewsight.eval.fewshot_emoji import emoji_base_subset, emoji_novel_subset
 from fewsight.train import train
 from fewsight.train.builders import build_datasets, dataset_class
 from fewsight.train.config import DATASET_TYPES, load_config
@@ -42,17 +42,18 @@ def test_emoji_is_a_dataset_type():
 def test_both_recipes_validate_and_differ_only_in_classes_and_out_dir():
     base, sup = (yaml.safe_load(p.read_text()) for p in (BASE_YAML, SUPERVISED_YAML))
     cfg = load_config(BASE_YAML)  # validates every key against EmojiLogosDataset / DLDENet
-    assert cfg.data.train.type == "emoji" and cfg.data.train.args["classes"] == "base"
+    assert cfg.data.train.type == "emoji" and len(cfg.data.train.args["classes"]) == 100
     assert cfg.data.train.args["style"] == "both" and cfg.data.train.args["emoji_size"] == [24, 64]
     assert cfg.model.kwargs["anchor_generator"]["sizes"] == [24, 48, 96] and cfg.model.kwargs["embedding_dim"] == 128
     assert load_config(SUPERVISED_YAML).out_dir == "runs/emoji_supervised"
     names = sup["data"]["train"]["classes"]
     assert isinstance(names, list) and len(names) == 50
     for split in ("train", "val", "test"):
-        assert sup["data"][split]["classes"] == names and base["data"][split]["classes"] == "base"
+        assert sup["data"][split]["classes"] == names
+        assert base["data"][split]["classes"] == base["data"]["train"]["classes"]
     stripped = copy.deepcopy(sup)
     for split in ("train", "val", "test"):
-        stripped["data"][split]["classes"] = "base"
+        stripped["data"][split]["classes"] = base["data"]["train"]["classes"]
     stripped["out_dir"] = base["out_dir"]
     assert stripped == base
 
@@ -62,6 +63,13 @@ def test_supervised_classes_are_the_benchmark_novel_subset():
     catalog = emoji_classes(REAL_ROOT)
     names = yaml.safe_load(SUPERVISED_YAML.read_text())["data"]["train"]["classes"]
     assert names == [catalog.names[i] for i in emoji_novel_subset(REAL_ROOT, 50, seed=0)]
+
+
+@pytest.mark.skipif(not (REAL_ROOT / "google" / "emoji.json").is_file(), reason="needs `make emoji-data`")
+def test_base_recipe_classes_are_the_base_subset():
+    catalog = emoji_classes(REAL_ROOT)
+    names = yaml.safe_load(BASE_YAML.read_text())["data"]["train"]["classes"]
+    assert names == [catalog.names[i] for i in emoji_base_subset(REAL_ROOT, 100, seed=0)]
 
 
 def test_build_datasets_with_named_and_split_classes(root):
