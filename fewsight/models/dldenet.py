@@ -147,7 +147,7 @@ def rival_log_gate(cos: Tensor, rivalry: Tensor) -> Tensor:
     if cos.shape[-1] == 0:
         return torch.zeros_like(cos)
     best = cos.masked_fill(gated, float("-inf")).amax(dim=-1, keepdim=True)
-    has_rival = torch.isfinite(best)  # False when every class is gated (or C = 0): gate 1
+    has_rival = torch.isfinite(best)  # False when every class is gated: gate 1
     margin = cos - torch.where(has_rival, best, torch.zeros_like(best))
     return torch.where(gated & has_rival, F.logsigmoid(r * margin), torch.zeros_like(cos))
 
@@ -211,7 +211,7 @@ def directional_log_probs(
             gate = rival_log_gate(cos, rivalry)
             gated = gate < 0
             log_p = log_p + gate
-            # Only where the gate acts (p' < 1 there unless p = 1, where log1mexp gives -inf as it should).
+            # log(1 - p') from log p' where the gate acts (log p' < 0 there); elsewhere the exact form above.
             log_1mp = torch.where(gated, log1mexp(torch.where(gated, log_p, log_p.new_full((), -1.0))), log_1mp)
     return log_p, log_1mp
 
