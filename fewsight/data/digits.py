@@ -43,7 +43,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from fewsight.data._paste import iou_one_many
+from fewsight.data._paste import check_canvas_args, place_box, tight_crop
 from fewsight.data.dataset import DetectionDataset, Target
 from fewsight.errors import DataError, InvalidArgumentError, MissingDependencyError, check_choice
 
@@ -236,28 +236,10 @@ class DigitsDataset(DetectionDataset):
             raise InvalidArgumentError(f"variants: expected distinct names, got {list(variants)}")
         names = [str(d) for d in digits] + [f"{d}/{v}" for v in variants for d in digits]
         super().__init__(names, transforms=transforms)
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        try:
-            h, w = (int(s) for s in image_size)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"image_size: expected an int or (H, W), got {image_size!r}") from None
-        lo, hi = (float(s) for s in digit_size)
-        if not 4 <= lo <= hi:
-            raise InvalidArgumentError(f"digit_size: expected 4 <= min <= max, got {tuple(digit_size)}")
-        if hi > min(h, w):
-            raise InvalidArgumentError(
-                f"digit_size: expected max <= the canvas side {min(h, w)}, got {tuple(digit_size)}"
-            )
-        if num_images < 0:
-            raise InvalidArgumentError(f"num_images: expected >= 0, got {num_images}")
-        if not 1 <= min_digits <= max_digits:
-            raise InvalidArgumentError(
-                f"min_digits, max_digits: expected 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}"
-            )
-        for name, value in (("max_overlap", max_overlap), ("invert_prob", invert_prob), ("ink_threshold", ink_threshold)):
-            if not 0.0 <= value <= 1.0:
-                raise InvalidArgumentError(f"{name}: expected a value in [0, 1], got {value}")
+        h, w, lo, hi = check_canvas_args(
+            image_size, ("digit_size", digit_size), (("min_digits", min_digits), ("max_digits", max_digits)),
+            num_images, {"max_overlap": max_overlap, "invert_prob": invert_prob, "ink_threshold": ink_threshold},
+        )
         if not 0.0 <= contrast_jitter < 1.0:
             raise InvalidArgumentError(f"contrast_jitter: expected a value in [0, 1), got {contrast_jitter}")
         if max_strokes < 0 or max_fragments < 0:
@@ -424,23 +406,14 @@ class DigitsDataset(DetectionDataset):
             ph = max(int(round(height)), 2)
             pw = int(np.clip(round(width), 2, w))
             alpha = _resize(np.ascontiguousarray(glyph), pw, ph)
-            ink = alpha >= self.ink_threshold
-            if not ink.any():
+            alpha = tight_crop(alpha, alpha >= self.ink_threshold)  # trimmed to the thresholded ink
+            if alpha is None:
                 continue
-            rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-            # Trim to the thresholded ink: the box is tight and nothing of the digit lies outside it.
-            alpha = alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            ah, aw = alpha.shape
-            if ah > h or aw > w:
-                continue
-            for _try in range(30):
-                y, x = int(rng.integers(0, h - ah + 1)), int(rng.integers(0, w - aw + 1))
-                box = np.array([x, y, x + aw, y + ah], dtype=np.float64)
-                if len(boxes) == 0 or iou_one_many(box, boxes).max() <= self.max_overlap:
-                    boxes = np.concatenate((boxes, box[None]))
-                    labels.append(label)
-                    pastes.append((alpha, y, x))
-                    break
+            box = place_box(rng, alpha.shape, (h, w), boxes, self.max_overlap)
+            if box is not None:
+                boxes = np.concatenate((boxes, box[None]))
+                labels.append(label)
+                pastes.append((alpha, int(box[1]), int(box[0])))
 
         # 2. Background, 3. strokes and fragments (under the digits), 4. digits.
         canvas, level = self._background(rng, h, w)

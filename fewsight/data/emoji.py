@@ -75,7 +75,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fewsight.data._paste import iou_one_many
+from fewsight.data._paste import check_canvas_args, check_size, place_box, tight_crop
 from fewsight.data.dataset import DetectionDataset, Target, check_index
 from fewsight.errors import DataError, FewsightError, InvalidArgumentError, MissingDependencyError, check_choice
 
@@ -548,18 +548,6 @@ class _EmojiSource:
         return np.ascontiguousarray(self.images[style][label, r0:r1, c0:c1])
 
 
-def _check_size(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        h, w = (int(s) for s in value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{name}: expected an int or (H, W), got {value!r}") from None
-    if h < 8 or w < 8:
-        raise InvalidArgumentError(f"{name}: expected sides >= 8, got {(h, w)}")
-    return h, w
-
-
 # -- detection canvases ---------------------------------------------------------------------------
 class EmojiCanvas(NamedTuple):
     """A rendered canvas before conversion to tensors (see :meth:`EmojiLogosDataset.render`).
@@ -621,21 +609,10 @@ class EmojiLogosDataset(DetectionDataset):
     ) -> None:
         check_choice("split", split, SPLITS)
         check_choice("background", background, BACKGROUNDS)
-        h, w = _check_size("image_size", image_size)
-        lo, hi = (float(s) for s in emoji_size)
-        if not 4 <= lo <= hi <= min(h, w):
-            raise InvalidArgumentError(
-                f"emoji_size: expected 4 <= min <= max <= the canvas side {min(h, w)}, got {tuple(emoji_size)}"
-            )
-        if num_images < 0:
-            raise InvalidArgumentError(f"num_images: expected >= 0, got {num_images}")
-        if not 1 <= min_objects <= max_objects:
-            raise InvalidArgumentError(
-                f"min_objects, max_objects: expected 1 <= min <= max, got {min_objects}, {max_objects}"
-            )
-        for name, value in (("max_overlap", max_overlap), ("alpha_threshold", alpha_threshold)):
-            if not 0.0 <= value <= 1.0:
-                raise InvalidArgumentError(f"{name}: expected a value in [0, 1], got {value}")
+        h, w, lo, hi = check_canvas_args(
+            image_size, ("emoji_size", emoji_size), (("min_objects", min_objects), ("max_objects", max_objects)),
+            num_images, {"max_overlap": max_overlap, "alpha_threshold": alpha_threshold}, min_side=8,
+        )
         self._source = _EmojiSource(root, classes, style)
         catalog = self._source.catalog
         super().__init__([catalog.names[i] for i in self._source.class_indices], transforms=transforms)
@@ -683,24 +660,15 @@ class EmojiLogosDataset(DetectionDataset):
             side = rng.uniform(lo, hi)
             f = side / max(ch, cw)
             rgba = _resize_rgba(content, max(int(round(cw * f)), 1), max(int(round(ch * f)), 1))
-            opaque = rgba[..., 3] >= self.alpha_threshold
-            if not opaque.any():
+            rgba = tight_crop(rgba, rgba[..., 3] >= self.alpha_threshold)  # trimmed to the thresholded alpha
+            if rgba is None:
                 continue
-            rows, cols = np.flatnonzero(opaque.any(axis=1)), np.flatnonzero(opaque.any(axis=0))
-            # Trim to the thresholded alpha: the box is tight and nothing of the emoji lies outside it.
-            rgba = rgba[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            ah, aw = rgba.shape[:2]
-            if ah > h or aw > w:
-                continue
-            for _try in range(30):
-                y, x = int(rng.integers(0, h - ah + 1)), int(rng.integers(0, w - aw + 1))
-                box = np.array([x, y, x + aw, y + ah], dtype=np.float64)
-                if len(boxes) == 0 or iou_one_many(box, boxes).max() <= self.max_overlap:
-                    boxes = np.concatenate((boxes, box[None]))
-                    labels.append(label)
-                    styles.append(STYLES.index(self.styles[s]))
-                    pastes.append((rgba, y, x))
-                    break
+            box = place_box(rng, rgba.shape[:2], (h, w), boxes, self.max_overlap)
+            if box is not None:
+                boxes = np.concatenate((boxes, box[None]))
+                labels.append(label)
+                styles.append(STYLES.index(self.styles[s]))
+                pastes.append((rgba, int(box[1]), int(box[0])))
 
         # 2. Background, 3. emoji in drawing order (later ones on top).
         if self.background == "photo":
@@ -788,7 +756,7 @@ class EmojiCrops(Dataset[tuple[Tensor, int]]):
     ) -> None:
         check_choice("split", split, SPLITS)
         check_choice("background", background, BACKGROUNDS)
-        self.size = _check_size("size", size)[0]
+        self.size = check_size("size", size, min_side=8)[0]
         if isinstance(size, (tuple, list)) and len(set(size)) != 1:
             raise InvalidArgumentError(f"size: expected one side (square crops), got {size!r}")
         if repeats < 1:

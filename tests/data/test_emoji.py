@@ -28,12 +28,12 @@ from fewsight.data import (
 )
 from fewsight.data.emoji import PHOTO_BANDS, SPLITS, STYLES, _photo_region, extract_emoji_tarball, main
 from fewsight.errors import DataError, InvalidArgumentError
+from tests._fake_emoji import COLOURS, emoji_entry, write_emoji_install
 
 REAL_ROOT = Path(__file__).resolve().parents[2] / "data" / "emoji"
 # Codes deliberately out of order; "1F9FF" is drawn in google only, "1F4A9" lacks its twitter PNG.
 CODES = ["1F600", "0023-FE0F-20E3", "1F680", "2764-FE0F", "1F436", "1F34E", "1F3B8", "1F1EB-1F1F7"]
 NAMES = ["grinning", "hash", "rocket", "heart", "dog", "apple", "guitar", "flag-fr"]
-COLOURS = {"google": (220, 40, 40), "twitter": (40, 60, 220)}
 
 
 def _emoji_png(k: int, style: str) -> np.ndarray:
@@ -47,31 +47,14 @@ def _emoji_png(k: int, style: str) -> np.ndarray:
     return rgba
 
 
-def _entry(code: str, name: str, google: bool = True, twitter: bool = True) -> dict:
-    return {
-        "unified": code,
-        "short_name": name,
-        "image": f"{code.lower()}.png",
-        "category": "Test",
-        "has_img_google": google,
-        "has_img_twitter": twitter,
-    }
-
-
 def _write_fake(root: Path) -> Path:
-    entries = [_entry(c, n) for c, n in zip(CODES, NAMES)] + [
-        _entry("1F9FF", "nazar_amulet", twitter=False),
-        _entry("1F4A9", "poop"),
+    entries = [emoji_entry(c, n) for c, n in zip(CODES, NAMES)] + [
+        emoji_entry("1F9FF", "nazar_amulet", twitter=False),
+        emoji_entry("1F4A9", "poop"),
     ]
-    for style in STYLES:
-        d = root / style / "64"
-        d.mkdir(parents=True)
-        (root / style / "emoji.json").write_text(json.dumps(entries))
-        for k, code in enumerate(CODES):
-            Image.fromarray(_emoji_png(k, style), "RGBA").save(d / f"{code.lower()}.png")
-    Image.fromarray(_emoji_png(0, "google"), "RGBA").save(root / "google" / "64" / "1f9ff.png")
-    Image.fromarray(_emoji_png(0, "google"), "RGBA").save(root / "google" / "64" / "1f4a9.png")
-    return root
+    # The two extra classes reuse class 0's drawing; poop's twitter file is left out on purpose.
+    return write_emoji_install(root, entries, lambda k, s: _emoji_png(k if k < len(CODES) else 0, s),
+                               missing={("twitter", "1F4A9")})
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +279,7 @@ def _tarball(path: Path, style: str, extra: list[tarfile.TarInfo] | None = None,
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
-        add("package/emoji.json", json.dumps([_entry(CODES[0], NAMES[0])]).encode())
+        add("package/emoji.json", json.dumps([emoji_entry(CODES[0], NAMES[0])]).encode())
         add("package/README.md", b"ignored")
         buf = io.BytesIO()
         Image.fromarray(_emoji_png(0, style), "RGBA").save(buf, format="PNG")

@@ -27,7 +27,7 @@ from fewsight.eval.fewshot_emoji import (
 from fewsight.train import build_model, load_detector, save_detector
 from fewsight.train.config import ModelConfig
 from tests._helpers import one_thread  # noqa: F401  (autouse)
-from tests.eval._fake_emoji import write_fake_emoji
+from tests._fake_emoji import write_fake_emoji
 from tests.train._tiny import TINY_MODEL
 
 

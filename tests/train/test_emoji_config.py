@@ -17,7 +17,7 @@ from fewsight.train import train
 from fewsight.train.builders import build_datasets, dataset_class
 from fewsight.train.config import DATASET_TYPES, load_config
 from tests._helpers import one_thread  # noqa: F401  (autouse)
-from tests.eval._fake_emoji import write_fake_emoji
+from tests._fake_emoji import write_fake_emoji
 from tests.train._tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
