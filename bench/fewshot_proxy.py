@@ -5,7 +5,7 @@
 Every annotated object of the 200 test canvases (seed 1) is embedded with ``DLDENet.embed_boxes``;
 for each of ``--draws`` random 5-shot support sets per novel class (from 300 training canvases,
 seed 100) the class direction is the mean support embedding, and objects are ranked by the score
-enrollment gives them: ``p = sigmoid(7 (cos - 0.5)) / sigmoid(3.5)`` (the default w, b) times the
+enrollment gives them: ``p = sigmoid(w (cos + b))`` (the model's default w, b) times the
 rivalry gate ``sigmoid(r (cos - max trained cos))``. The printed figure is the mean average
 precision of that ranking over classes 8, 9 and draws. It leaves out localisation and background,
 and tracks ``fewsight bench fewshot`` within about 0.01 on the demo model (docs/results.md); use it
@@ -53,6 +53,7 @@ def main() -> None:
     model = load_detector(args.checkpoint).eval()
     test_e, test_y = embed_objects(model, DigitsDataset("test", 200, seed=1))
     pool_e, pool_y = embed_objects(model, DigitsDataset("train", 300, seed=100))
+    w, b = model.classifier.init_scale, model.classifier.init_bias  # what enroll gives a new class
     trained = F.normalize(model.classifier.directions().detach().float(), dim=1)
     best_trained = (test_e @ trained.T).max(dim=1).values
     scores: dict[float, list[float]] = {r: [] for r in args.rivalry}
@@ -62,7 +63,7 @@ def main() -> None:
             pool = (pool_y == c).nonzero().flatten()
             support = pool_e[pool[torch.randperm(len(pool), generator=g)[: args.shots]]]
             cos = test_e @ F.normalize(support.mean(0), dim=0)
-            prob = torch.sigmoid(7 * (cos - 0.5)) / torch.sigmoid(torch.tensor(3.5))
+            prob = torch.sigmoid(w * (cos + b))
             for r in args.rivalry:
                 score = prob * torch.sigmoid(r * (cos - best_trained)) if r > 0 else prob
                 scores[r].append(average_precision(test_y == c, score))

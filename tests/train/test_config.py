@@ -118,6 +118,18 @@ def test_shipped_configs_load_and_demo_yaml_matches_the_code():
     assert demo == DEMO_CONFIG
 
 
+def test_digits_fewshot_yaml_is_the_demo_upscaled():
+    """The few-shot base recipe differs from the demo only where its header says (resolution, anchors, out_dir)."""
+    fewshot = yaml.safe_load((REPO / "configs" / "digits_fewshot.yaml").read_text())
+    assert fewshot["model"].pop("min_size") == 192
+    assert fewshot["model"]["anchor_generator"].pop("sizes") == [24, 48, 96]
+    assert fewshot.pop("out_dir") == "runs/digits_fewshot"
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert demo["model"]["anchor_generator"].pop("sizes") == [16, 32, 64]
+    demo.pop("out_dir")
+    assert fewshot == demo
+
+
 def test_lr_factor_warmup_cosine_multistep():
     s = ScheduleConfig(name="cosine", warmup_steps=10, warmup_factor=0.1, min_lr_ratio=0.0)
     assert lr_factor(0, s, 110, 11) == pytest.approx(0.1)
