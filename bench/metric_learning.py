@@ -292,7 +292,7 @@ def train(
 
 @torch.no_grad()
 def save_embeddings(
-    net: nn.Module, sets: dict[str, tuple[EmojiCrops, EmojiCrops]], train_set: EmojiCrops, args: argparse.Namespace,
+    net: Callable[[Tensor], Tensor], sets: dict[str, tuple[EmojiCrops, EmojiCrops]], train_set: EmojiCrops, args: argparse.Namespace,
     path: Path,
 ) -> None:
     out: dict[str, Tensor] = {}
@@ -330,6 +330,25 @@ def mobilenet_features(device: torch.device) -> Callable[[Tensor], Tensor]:
         return net.features((x - mean) / std).mean(dim=(2, 3))
 
     return fn
+
+
+def with_tta(fn: Callable[[Tensor], Tensor], scales: list[float], fill: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """Test-time augmentation: the mean of the unit embeddings of the image shrunk to each of ``scales``
+    (centred on the plain background, as the training augmentation places emoji at 0.8-1.0 of the side)."""
+
+    def tta(x: Tensor) -> Tensor:
+        side = x.shape[-1]
+        out = 0
+        for s in scales:
+            n = max(1, round(side * s))
+            small = F.interpolate(x, size=n, mode="bilinear", antialias=True, align_corners=False)
+            canvas = torch.full_like(x, fill)
+            top = (side - n) // 2
+            canvas[..., top : top + n, top : top + n] = small
+            out = out + F.normalize(fn(canvas).float(), dim=1)
+        return out
+
+    return tta
 
 
 def raw_pixels(x: Tensor) -> Tensor:
@@ -384,6 +403,9 @@ def main() -> None:
                    help="trained rows: save the novel / base query and gallery embeddings and those of 2 augmented "
                         "epochs of the training set to DIR/<method>_seed<seed>.pt (for post-hoc analysis)")
     p.add_argument("--eval-every", type=int, default=0, help="with --verbose: Recall@1 every N epochs")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=None,
+                   help="trained rows: embed every evaluated (and saved) image at these scales of the side and "
+                        "average the unit embeddings (e.g. 1.0 0.9 0.8); the plain figure is printed too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -415,8 +437,14 @@ def main() -> None:
                 )  # fmt: skip
                 net, info = train(name, args, train_set, sets, seed)
                 fn = net
+                if args.tta_scales:
+                    with torch.inference_mode():
+                        plain = evaluate(net, sets, args.device)
+                    info.update({f"plain_{k}": v for k, v in plain.items()})
+                    print(f"{name:13s} seed {seed} without test-time augmentation: novel R@1 {plain['novel_r1']:.3f}")
+                    fn = with_tta(net, args.tta_scales)
                 if args.save_embeddings:
-                    save_embeddings(net, sets, train_set, args, args.save_embeddings / f"{name}_seed{seed}.pt")
+                    save_embeddings(fn, sets, train_set, args, args.save_embeddings / f"{name}_seed{seed}.pt")
             t1 = time.perf_counter()
             with torch.inference_mode():
                 info.update(evaluate(fn, sets, args.device))
