@@ -40,21 +40,36 @@ def learned_whitening(x: Tensor, labels: Tensor, shrink: float = 0.0) -> tuple[T
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("embeddings", help="a file written by bench/metric_learning.py --save-embeddings")
+    p.add_argument("embeddings", nargs="+",
+                   help="file(s) written by bench/metric_learning.py --save-embeddings; with several (e.g. two seeds), "
+                        "the ensemble (each network's unit embeddings concatenated) is reported too")
     p.add_argument("--shrink", type=float, nargs="+", default=[0.0, 0.3])
     args = p.parse_args()
-    d = torch.load(args.embeddings, weights_only=True)
-    q, g, ql, gl = d["novel_query"], d["novel_gallery"], d["novel_query_labels"], d["novel_gallery_labels"]
-    print(f"cosine                 novel R@1 {recall_at_k(q, ql, g, gl, k=(1,))[1]:.3f}")
+    runs = [torch.load(path, weights_only=True) for path in args.embeddings]
+    ql, gl = runs[0]["novel_query_labels"], runs[0]["novel_gallery_labels"]
+    for d in runs[1:]:
+        if not (torch.equal(d["novel_query_labels"], ql) and torch.equal(d["novel_gallery_labels"], gl)):
+            raise SystemExit("embeddings: the files hold different query / gallery sets")
+    # Per file: "cosine" and each shrink map an embedding set to unit vectors.
+    maps: dict[str, list] = {"cosine               ": [lambda x: F.normalize(x.double(), dim=1)] * len(runs)}
     for shrink in args.shrink:
-        mu, proj = learned_whitening(d["train_views"], d["train_labels"], shrink)
-
-        def whiten(x: Tensor) -> Tensor:
-            return ((F.normalize(x.double(), dim=1) - mu) @ proj.T).float()  # noqa: B023
-
-        print(f"whitened, shrink {shrink:.1f}  novel R@1 {recall_at_k(whiten(q), ql, whiten(g), gl, k=(1,))[1]:.3f}")
-    qn, gn = F.normalize(q, dim=1), F.normalize(g, dim=1)
-    print(f"per-domain centring    novel R@1 {recall_at_k(qn - qn.mean(0), ql, gn - gn.mean(0), gl, k=(1,))[1]:.3f}")
+        fitted = [learned_whitening(d["train_views"], d["train_labels"], shrink) for d in runs]
+        maps[f"whitened, shrink {shrink:.1f}"] = [
+            lambda x, mu=mu, proj=proj: F.normalize((F.normalize(x.double(), dim=1) - mu) @ proj.T, dim=1)
+            for mu, proj in fitted
+        ]
+    for name, fns in maps.items():
+        for path, d, fn in zip(args.embeddings, runs, fns):
+            r1 = recall_at_k(fn(d["novel_query"]), ql, fn(d["novel_gallery"]), gl, k=(1,))[1]
+            print(f"{name}  novel R@1 {r1:.3f}  {path}")
+        if len(runs) > 1:
+            q = torch.cat([fn(d["novel_query"]) for d, fn in zip(runs, fns)], dim=1)
+            g = torch.cat([fn(d["novel_gallery"]) for d, fn in zip(runs, fns)], dim=1)
+            print(f"{name}  novel R@1 {recall_at_k(q, ql, g, gl, k=(1,))[1]:.3f}  ensemble of {len(runs)}")
+    for path, d in zip(args.embeddings, runs):
+        qn, gn = F.normalize(d["novel_query"], dim=1), F.normalize(d["novel_gallery"], dim=1)
+        r1 = recall_at_k(qn - qn.mean(0), ql, gn - gn.mean(0), gl, k=(1,))[1]
+        print(f"per-domain centring    novel R@1 {r1:.3f}  {path}")
 
 
 if __name__ == "__main__":
