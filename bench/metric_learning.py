@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - fewsight.retrieval not there yet
         return {kk: hit[:, :kk].any(dim=1).float().mean().item() for kk in k}
 
 
-TRAINED = ("circle", "triplet", "center_ce", "arcface", "ccs_ce", "pml_circle", "pml_triplet")
+TRAINED = ("circle", "triplet", "center_ce", "arcface", "ccs_ce", "pml_circle", "pml_triplet", "circle_arcface")
 BASELINES = ("raw", "mobilenet_v2")
 METHODS = BASELINES + TRAINED
 DEFAULT_METHODS = (*BASELINES, "circle", "triplet", "center_ce", "arcface", "ccs_ce", "pml_circle")
@@ -77,6 +77,7 @@ LABELS = {
     "ccs_ce": "fewsight CCSLoss + softmax CE",
     "pml_circle": "pytorch-metric-learning CircleLoss (peer)",
     "pml_triplet": "pytorch-metric-learning TripletMarginLoss + BatchHardMiner (peer)",
+    "circle_arcface": "fewsight CircleLoss + ArcFaceLoss (--aux-weight)",
 }
 
 
@@ -182,6 +183,12 @@ def make_objective(name: str, num_classes: int, dim: int, args: argparse.Namespa
     if name == "arcface":
         arc = ArcFaceLoss(num_classes, dim, scale=args.arcface_scale, margin=args.arcface_margin)
         return Objective(arc, arc)
+    if name == "circle_arcface":
+        # Pairs in the batch (the cross-style positives the test measures) plus class proxies, which
+        # bring every base class in as a negative at every step.
+        circle = CircleLoss(m=args.circle_m, gamma=args.circle_gamma)
+        arc = ArcFaceLoss(num_classes, dim, scale=args.arcface_scale, margin=args.arcface_margin)
+        return Objective(lambda e, y: circle(e, y) + args.aux_weight * arc(e, y), arc)
     if name == "center_ce":
         parts = nn.ModuleDict({"classifier": nn.Linear(dim, num_classes), "center": CenterLoss(num_classes, dim)})
 
@@ -209,6 +216,33 @@ def pk_batches(num_classes: int, views: int, batch_classes: int, rng: np.random.
     :class:`EmojiCrops` numbers items ``k + K * v`` (class ``k``, view ``v`` over styles x repeats).
     """
     order = rng.permutation(num_classes)
+    cut = len(order) - len(order) % batch_classes or len(order)
+    groups = order[:cut].reshape(-1, min(batch_classes, len(order)))
+    return [(g[:, None] + num_classes * np.arange(views)[None, :]).reshape(-1) for g in groups]
+
+
+def neighbour_batches(
+    bank: Tensor, views: int, batch_classes: int, group: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Like :func:`pk_batches`, but each batch holds ``batch_classes // group`` random classes, each with
+    the ``group - 1`` classes nearest to it that no batch took yet (hard-class batches, after Ge et al. 2018).
+
+    ``bank``: ``Tensor[K, D]`` unit embeddings of the classes (their latest training views).
+    """
+    num_classes = bank.shape[0]
+    sim = bank @ bank.t()
+    sim.fill_diagonal_(-float("inf"))
+    free = torch.ones(num_classes, dtype=torch.bool)
+    groups = []
+    for seed_class in rng.permutation(num_classes):
+        if not free[seed_class]:
+            continue
+        free[seed_class] = False
+        take = min(group - 1, int(free.sum()))
+        near = sim[seed_class].masked_fill(~free, -float("inf")).topk(take).indices
+        free[near] = False
+        groups.append(np.array([seed_class, *near.tolist()]))
+    order = np.concatenate([groups[i] for i in rng.permutation(len(groups))])
     cut = len(order) - len(order) % batch_classes or len(order)
     groups = order[:cut].reshape(-1, min(batch_classes, len(order)))
     return [(g[:, None] + num_classes * np.arange(views)[None, :]).reshape(-1) for g in groups]
@@ -272,6 +306,8 @@ def train(
     rng = np.random.default_rng(seed)
     epochs = [pk_batches(train_set.num_classes, views, args.batch_classes, rng) for _ in range(args.epochs)]
     steps = sum(len(e) for e in epochs)
+    # --hard-classes: from the second epoch on, batches group classes whose last embeddings are close.
+    bank = torch.zeros(train_set.num_classes, args.dim) if args.hard_classes > 1 else None
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
@@ -280,9 +316,18 @@ def train(
     t0, losses = time.perf_counter(), []
     for epoch, plan in enumerate(epochs):
         train_set.set_epoch(epoch)
+        if bank is not None and epoch > 0:
+            plan = neighbour_batches(bank, views, args.batch_classes, args.hard_classes, rng)
         for idx in plan:
             x, y = batch(train_set, idx, args.device)
-            loss = objective.fn(net(x), y)
+            e = net(x)
+            if bank is not None:
+                with torch.no_grad():
+                    unit = F.normalize(e.detach().float(), dim=1).cpu()
+                    means = torch.zeros_like(bank).index_add_(0, y.cpu(), unit)
+                    seen = torch.bincount(y.cpu(), minlength=len(bank)) > 0
+                    bank[seen] = F.normalize(means[seen], dim=1)
+            loss = objective.fn(e, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -414,6 +459,9 @@ def main() -> None:
                         "overriding --mnv2-blocks)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension")
     p.add_argument("--batch-classes", type=int, default=64, help="classes per batch")
+    p.add_argument("--hard-classes", type=int, default=1,
+                   help="from epoch 2: batches made of groups of this many classes that the network currently embeds "
+                        "close together (1: random batches)")
     p.add_argument("--views", type=int, default=1, help="augmented views per (class, style) per epoch")
     p.add_argument("--background", default="plain", choices=["plain", "photo"], help="training backgrounds")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -425,6 +473,7 @@ def main() -> None:
     p.add_argument("--triplet-margin", type=float, default=0.2)
     p.add_argument("--arcface-scale", type=float, default=30.0)
     p.add_argument("--arcface-margin", type=float, default=0.3)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="circle_arcface: weight of the ArcFace term")
     p.add_argument("--center-weight", type=float, default=0.01)
     p.add_argument("--ccs-weight", type=float, default=1.0)
     p.add_argument("--max-classes", type=int, default=None, help="use only the first N base and N novel classes")
@@ -439,6 +488,8 @@ def main() -> None:
     p.add_argument("--save-backbone", type=Path, default=None,
                    help="mobilenet_v2 rows: write DIR/<method>_seed<seed>_mobilenet_v2.pt, a torchvision state_dict "
                         "usable as a detector's model.weights")
+    p.add_argument("--save-net", type=Path, default=None,
+                   help="trained rows: write the embedding network's state_dict to DIR/<method>_seed<seed>_net.pt")
     p.add_argument("--eval-every", type=int, default=0, help="with --verbose: Recall@1 every N epochs")
     p.add_argument("--tta-scales", type=float, nargs="+", default=None,
                    help="trained rows: embed every evaluated (and saved) image at these scales of the side and "
@@ -480,6 +531,9 @@ def main() -> None:
                     info.update({f"plain_{k}": v for k, v in plain.items()})
                     print(f"{name:13s} seed {seed} without test-time augmentation: novel R@1 {plain['novel_r1']:.3f}")
                     fn = with_tta(net, args.tta_scales)
+                if args.save_net:
+                    args.save_net.mkdir(parents=True, exist_ok=True)
+                    torch.save(net.state_dict(), args.save_net / f"{name}_seed{seed}_net.pt")
                 if args.save_backbone:
                     save_backbone(net, args.save_backbone / f"{name}_seed{seed}_mobilenet_v2.pt")
                 if args.save_embeddings:

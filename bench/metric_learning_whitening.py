@@ -4,8 +4,9 @@
     python bench/metric_learning_whitening.py runs/ml/circle_seed0.pt
 
 Fitted on BASE classes only (two augmented epochs of the training set, both styles): the scatter of
-each view around its class mean is whitened, then the class means are rotated onto their principal
-axes; applied to the novel Google queries and Twitter gallery before the cosine. Also prints the
+each view around its class mean ("whitened") or of the differences of the Google-Twitter matching
+pairs ("pair-whitened", Radenovic et al.'s C_S) is whitened, then the class means are rotated onto
+their principal axes; applied to the novel Google queries and Twitter gallery before the cosine. Also prints the
 transductive per-domain centring (each set minus its own mean) for comparison.
 """
 
@@ -20,15 +21,27 @@ from torch import Tensor
 from fewsight.retrieval import recall_at_k
 
 
-def learned_whitening(x: Tensor, labels: Tensor, shrink: float = 0.0) -> tuple[Tensor, Tensor]:
-    """``(mu, P)`` for ``x -> P (x - mu)``; x ``Tensor[N, D]`` (normalised here), labels ``Long[N]``."""
+def learned_whitening(
+    x: Tensor, labels: Tensor, shrink: float = 0.0, styles: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(mu, P)`` for ``x -> P (x - mu)``; x ``Tensor[N, D]`` (normalised here), labels ``Long[N]``.
+
+    The whitened scatter is that of each view around its class mean or, with ``styles`` (``Long[N]``,
+    0 / 1), that of the differences of the matching pairs across styles, as a query and its gallery
+    image differ (Radenovic et al. 2018's C_S over matching pairs).
+    """
     x = F.normalize(x.double(), dim=1)
     k, d = int(labels.max()) + 1, x.shape[1]
     sums = torch.zeros(k, d, dtype=x.dtype).index_add_(0, labels, x)
     counts = torch.bincount(labels, minlength=k).clamp(min=1).to(x.dtype)
     means = sums / counts[:, None]
-    diff = x - means[labels]
-    cs = diff.T @ diff / len(x)
+    if styles is None:
+        diff = x - means[labels]
+    else:
+        first, second = torch.nonzero(styles == 0).flatten(), torch.nonzero(styles == 1).flatten()
+        i, j = torch.nonzero(labels[first][:, None] == labels[second][None, :], as_tuple=True)
+        diff = x[first[i]] - x[second[j]]
+    cs = diff.T @ diff / len(diff)
     cs = (1 - shrink) * cs + shrink * torch.eye(d, dtype=x.dtype) * cs.trace() / d
     e, v = torch.linalg.eigh(cs)
     p1 = v @ torch.diag(e.clamp(min=1e-9) ** -0.5) @ v.T
@@ -55,6 +68,11 @@ def main() -> None:
     for shrink in args.shrink:
         fitted = [learned_whitening(d["train_views"], d["train_labels"], shrink) for d in runs]
         maps[f"whitened, shrink {shrink:.1f}"] = [
+            lambda x, mu=mu, proj=proj: F.normalize((F.normalize(x.double(), dim=1) - mu) @ proj.T, dim=1)
+            for mu, proj in fitted
+        ]
+        fitted = [learned_whitening(d["train_views"], d["train_labels"], shrink, d["train_styles"]) for d in runs]
+        maps[f"pair-whitened, shr. {shrink:.1f}"] = [
             lambda x, mu=mu, proj=proj: F.normalize((F.normalize(x.double(), dim=1) - mu) @ proj.T, dim=1)
             for mu, proj in fitted
         ]
