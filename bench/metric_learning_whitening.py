@@ -3,11 +3,12 @@
     python bench/metric_learning.py --methods circle --seeds 0 --save-embeddings runs/ml
     python bench/metric_learning_whitening.py runs/ml/circle_seed0.pt
 
-Fitted on BASE classes only (two augmented epochs of the training set, both styles): the scatter of
-each view around its class mean ("whitened") or of the differences of the Google-Twitter matching
-pairs ("pair-whitened", Radenovic et al.'s C_S) is whitened, then the class means are rotated onto
-their principal axes; applied to the novel Google queries and Twitter gallery before the cosine. Also prints the
-transductive per-domain centring (each set minus its own mean) for comparison.
+``fewsight.retrieval.learn_whitening``, fitted on BASE classes only (two augmented epochs of the
+training set, both styles): the scatter of each view around its class mean ("whitened") or of the
+differences of the Google-Twitter matching pairs ("pair-whitened", Radenovic et al.'s C_S) is
+whitened, then the class means are rotated onto their principal axes; applied to the novel Google
+queries and Twitter gallery before the cosine. Also prints the transductive per-domain centring (each
+set minus its own mean) for comparison.
 
 Each map is also scored with CSLS (cross-domain similarity local scaling, Conneau et al. 2018), the
 hubness correction of cross-lingual word retrieval: ``csls(q, g) = 2 cos(q, g) - r(g)`` with ``r(g)`` the
@@ -26,37 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewsight.retrieval import recall_at_k
-
-
-def learned_whitening(
-    x: Tensor, labels: Tensor, shrink: float = 0.0, styles: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(mu, P)`` for ``x -> P (x - mu)``; x ``Tensor[N, D]`` (normalised here), labels ``Long[N]``.
-
-    The whitened scatter is that of each view around its class mean or, with ``styles`` (``Long[N]``,
-    0 / 1), that of the differences of the matching pairs across styles, as a query and its gallery
-    image differ (Radenovic et al. 2018's C_S over matching pairs).
-    """
-    x = F.normalize(x.double(), dim=1)
-    k, d = int(labels.max()) + 1, x.shape[1]
-    sums = torch.zeros(k, d, dtype=x.dtype).index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=k).clamp(min=1).to(x.dtype)
-    means = sums / counts[:, None]
-    if styles is None:
-        diff = x - means[labels]
-    else:
-        first, second = torch.nonzero(styles == 0).flatten(), torch.nonzero(styles == 1).flatten()
-        i, j = torch.nonzero(labels[first][:, None] == labels[second][None, :], as_tuple=True)
-        diff = x[first[i]] - x[second[j]]
-    cs = diff.T @ diff / len(diff)
-    cs = (1 - shrink) * cs + shrink * torch.eye(d, dtype=x.dtype) * cs.trace() / d
-    e, v = torch.linalg.eigh(cs)
-    p1 = v @ torch.diag(e.clamp(min=1e-9) ** -0.5) @ v.T
-    mu = x.mean(0)
-    centred = (means - mu) @ p1.T
-    _, v2 = torch.linalg.eigh(centred.T @ centred / k)
-    return mu, v2.flip(1).T @ p1
+from fewsight.retrieval import learn_whitening, recall_at_k
 
 
 def csls_recall_at_1(q: Tensor, ql: Tensor, g: Tensor, gl: Tensor, ref: Tensor, k: int) -> float:
@@ -85,15 +56,13 @@ def main() -> None:
     # Per file: "cosine" and each shrink map an embedding set to unit vectors.
     maps: dict[str, list] = {"cosine": [lambda x: F.normalize(x.double(), dim=1)] * len(runs)}
     for shrink in args.shrink:
-        fitted = [learned_whitening(d["train_views"], d["train_labels"], shrink) for d in runs]
         maps[f"whitened, shrink {shrink:.1f}"] = [
-            lambda x, mu=mu, proj=proj: F.normalize((F.normalize(x.double(), dim=1) - mu) @ proj.T, dim=1)
-            for mu, proj in fitted
+            lambda x, w=learn_whitening(d["train_views"], d["train_labels"], shrink=shrink): w(x.double()) for d in runs
         ]
-        fitted = [learned_whitening(d["train_views"], d["train_labels"], shrink, d["train_styles"]) for d in runs]
         maps[f"pair-whitened, shrink {shrink:.1f}"] = [
-            lambda x, mu=mu, proj=proj: F.normalize((F.normalize(x.double(), dim=1) - mu) @ proj.T, dim=1)
-            for mu, proj in fitted
+            lambda x, w=learn_whitening(d["train_views"], d["train_labels"], domains=d["train_styles"], shrink=shrink):
+            w(x.double())
+            for d in runs
         ]
     for name, fns in maps.items():
         for path, d, fn in zip(args.embeddings, runs, fns):

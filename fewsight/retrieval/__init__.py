@@ -1,6 +1,8 @@
 """fewsight.retrieval: search object embeddings and measure retrieval / open-set rejection.
 
 * :func:`recall_at_k`, :func:`mean_average_precision_at_r` — Recall@k and MAP@R (cosine, blocked).
+* :func:`learn_whitening` / :class:`Whitening` — learned whitening of embeddings (Radenović et al.
+  2018), fitted on training classes, applied to queries and gallery before the cosine.
 * :func:`auroc`, :func:`fpr_at_tpr` — how well unknown objects are rejected (higher score = known).
 * :class:`Gallery` / :class:`SearchResult` — exact faiss index with labels, image ids and boxes
   (needs the ``retrieval`` extra: ``pip install "fewsight[retrieval]"``).
@@ -26,17 +28,20 @@ from fewsight.retrieval.gallery import GALLERY_FORMAT, Gallery, SearchResult
 from fewsight.retrieval.metrics import mean_average_precision_at_r, ordered_topk, recall_at_k
 from fewsight.retrieval.objects import embed_crop, embed_objects, index_images, known_scores
 from fewsight.retrieval.openset import auroc, fpr_at_tpr
+from fewsight.retrieval.whitening import Whitening, learn_whitening
 
 __all__ = [
     "GALLERY_FORMAT",
     "Gallery",
     "SearchResult",
+    "Whitening",
     "auroc",
     "embed_crop",
     "embed_objects",
     "fpr_at_tpr",
     "index_images",
     "known_scores",
+    "learn_whitening",
     "mean_average_precision_at_r",
     "ordered_topk",
     "recall_at_k",
