@@ -477,6 +477,9 @@ def main() -> None:
     p.add_argument("--center-weight", type=float, default=0.01)
     p.add_argument("--ccs-weight", type=float, default=1.0)
     p.add_argument("--max-classes", type=int, default=None, help="use only the first N base and N novel classes")
+    p.add_argument("--val-classes", type=int, default=0,
+                   help="validation mode: hold out N base classes (a fixed random draw), train on the rest and "
+                        "report the N as 'novel' (the novel classes are not used): choose settings without the test classes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="trained rows: one run per seed, mean reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="e.g. cuda for longer runs")
@@ -500,6 +503,11 @@ def main() -> None:
 
     catalog = emoji_classes(args.root)
     base, novel = list(catalog.base), list(catalog.novel)
+    if args.val_classes:
+        if not 0 < args.val_classes < len(base):
+            raise SystemExit(f"--val-classes: expected 1..{len(base) - 1}, got {args.val_classes}")
+        held = set(np.random.default_rng(2026).permutation(len(base))[: args.val_classes].tolist())
+        base, novel = [c for i, c in enumerate(base) if i not in held], [c for i, c in enumerate(base) if i in held]
     if args.max_classes:
         base, novel = base[: args.max_classes], novel[: args.max_classes]
     common = {"size": args.size, "fill": 1.0}

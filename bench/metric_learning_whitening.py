@@ -27,17 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewsight.retrieval import learn_whitening, recall_at_k
+from fewsight.retrieval import csls_similarity, learn_whitening, recall_at_k
 
 
 def csls_recall_at_1(q: Tensor, ql: Tensor, g: Tensor, gl: Tensor, ref: Tensor, k: int) -> float:
-    """Recall@1 of ``2 q.g - r(g)``, ``r(g)`` = mean of g's k largest cosines to ``ref``; all unit rows.
-
-    q ``Tensor[Q, D]``, g ``Tensor[G, D]``, ref ``Tensor[R, D]``; ``ql``/``gl`` their labels.
-    """
-    r = (g @ ref.T).topk(min(k, len(ref)), dim=1).values.mean(1)
-    best = (2 * q @ g.T - r[None, :]).argmax(1)
-    return (gl[best] == ql).double().mean().item()
+    """Recall@1 under ``fewsight.retrieval.csls_similarity`` (one gallery item per class here)."""
+    return (gl[csls_similarity(q, g, ref, k).argmax(1)] == ql).double().mean().item()
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 * :func:`recall_at_k`, :func:`mean_average_precision_at_r` — Recall@k and MAP@R (cosine, blocked).
 * :func:`learn_whitening` / :class:`Whitening` — learned whitening of embeddings (Radenović et al.
   2018), fitted on training classes, applied to queries and gallery before the cosine.
+* :func:`csls_similarity`, :func:`csls_penalty` — hubness-corrected cross-domain scores (CSLS,
+  Conneau et al. 2018).
 * :func:`auroc`, :func:`fpr_at_tpr` — how well unknown objects are rejected (higher score = known).
 * :class:`Gallery` / :class:`SearchResult` — exact faiss index with labels, image ids and boxes
   (needs the ``retrieval`` extra: ``pip install "fewsight[retrieval]"``).
@@ -24,6 +26,7 @@ Example:
     0.75
 """
 
+from fewsight.retrieval.hubness import csls_penalty, csls_similarity
 from fewsight.retrieval.gallery import GALLERY_FORMAT, Gallery, SearchResult
 from fewsight.retrieval.metrics import mean_average_precision_at_r, ordered_topk, recall_at_k
 from fewsight.retrieval.objects import embed_crop, embed_objects, index_images, known_scores
@@ -36,6 +39,8 @@ __all__ = [
     "SearchResult",
     "Whitening",
     "auroc",
+    "csls_penalty",
+    "csls_similarity",
     "embed_crop",
     "embed_objects",
     "fpr_at_tpr",
