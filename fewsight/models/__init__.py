@@ -10,6 +10,7 @@ from fewsight.models.backbones import (
     offline_weights_path,
 )
 from fewsight.models.fpn import FPN
+from fewsight.models.crops import crop_boxes
 from fewsight.models.detector import DenseDetector
 from fewsight.models.heads import DLDENetHead, RetinaNetHead
 from fewsight.models.retinanet import RetinaNet
@@ -21,6 +22,7 @@ __all__: list[str] = [
     "BACKBONES",
     "BackboneWithFPN",
     "FPN",
+    "crop_boxes",
     "MobileNetV2Features",
     "ResNetFeatures",
     "build_backbone",
