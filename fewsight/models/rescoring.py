@@ -1,0 +1,195 @@
+"""Few-shot classes scored on box crops by a second network: a detector proposes, a :class:`CropEmbedder`
+recognises.
+
+:class:`CropRescorer` wraps a trained detector (DLDENet). Its base classes keep the detector's own
+detections. A class enrolled through the wrapper gets a prototype, the mean crop embedding of its
+support boxes, and is detected as:
+
+* candidates: the detector's detections of every class with score ``> proposal_threshold`` (up to
+  ``proposals_per_image``), merged by class-agnostic NMS at ``nms_threshold``, the
+  ``candidates_per_image`` best;
+* each candidate is labelled with its ``top_classes`` most similar enrolled classes, score
+  ``(1 + cos(e(box), prototype)) / 2``: a similarity in [0, 1] for ranking, not a calibrated
+  probability.
+
+The detector's score is not used for the enrolled classes: it is a base-class score, low on objects of
+new classes, and weighting by it lowered novel AP50 from 0.72 to 0.36 in the emoji cross-style
+measurement (docs/results.md).
+
+Example:
+    >>> import torch
+    >>> from fewsight.models import CropEmbedder, DLDENet
+    >>> det = DLDENet(2, backbone="resnet18", levels=(3, 4, 5), fpn_channels=16, embedding_dim=8, head_convs=1)
+    >>> model = CropRescorer(det.eval(), CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False)).eval()
+    >>> images = [torch.rand(3, 64, 64)]
+    >>> model.enroll(images, [{"boxes": torch.tensor([[8., 8., 40., 40.]]), "labels": torch.tensor([0])}], ["new"])
+    [2]
+    >>> model.classes
+    ['0', '1', 'new']
+    >>> sorted(model(images)[0])
+    ['boxes', 'labels', 'scores']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from fewsight.errors import InvalidArgumentError, LabelError
+from fewsight.models.crop_embedder import CropEmbedder
+
+__all__ = ["CropRescorer"]
+
+
+def _first_per_image(image: Tensor, score: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` highest scores of each image, grouped by image (``Long[M]`` image of each item)."""
+    order = score.argsort(descending=True)
+    order = order[image[order].argsort(stable=True)]
+    img = image[order]
+    start = torch.searchsorted(img, img)  # first position of each item's image in the sorted list
+    rank = torch.arange(len(img), device=img.device) - start
+    return order[rank < n]
+
+
+class CropRescorer(nn.Module):
+    """A detector plus a frozen :class:`CropEmbedder` that scores the classes enrolled through it.
+
+    Args:
+        detector: a trained detector with ``classes``, ``score_threshold``, ``detections_per_image``
+            and an ``enroll(images, targets, names, ...)`` method (DLDENet).
+        embedder: the crop network (frozen here: fine-tuning trains the detector only).
+        proposal_threshold, proposals_per_image, nms_threshold, candidates_per_image, top_classes:
+            candidate selection (module docstring).
+
+    Training-mode calls (``model(images, targets)``) go to the detector, so the few-shot fine-tuning of
+    :func:`fewsight.eval.finetune` trains it as usual; enrolled classes are in its class list too.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        embedder: CropEmbedder,
+        *,
+        proposal_threshold: float = 0.001,
+        proposals_per_image: int = 100,
+        nms_threshold: float = 0.5,
+        candidates_per_image: int = 30,
+        top_classes: int = 3,
+    ) -> None:
+        super().__init__()
+        for name in ("classes", "enroll", "score_threshold", "detections_per_image"):
+            if not hasattr(detector, name):
+                raise InvalidArgumentError(f"detector: expected a DLDENet-like detector with {name!r}, got "
+                                           f"{type(detector).__name__}")
+        if not 0.0 <= proposal_threshold < 1.0 or not 0.0 < nms_threshold <= 1.0:
+            raise InvalidArgumentError(f"proposal_threshold, nms_threshold: expected [0, 1) and (0, 1], got "
+                                       f"{proposal_threshold!r}, {nms_threshold!r}")
+        for name, value in (("proposals_per_image", proposals_per_image), ("candidates_per_image", candidates_per_image),
+                            ("top_classes", top_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name}: expected an int >= 1, got {value!r}")
+        self.detector = detector
+        self.embedder = embedder.requires_grad_(False)
+        self.proposal_threshold, self.proposals_per_image = proposal_threshold, proposals_per_image
+        self.nms_threshold, self.candidates_per_image, self.top_classes = nms_threshold, candidates_per_image, top_classes
+        self.num_base = len(detector.classes)
+        self.register_buffer("prototypes", torch.zeros(0, embedder.dim))
+
+    # The detector's attributes that the few-shot tools read or set.
+    @property
+    def classes(self) -> list[str]:
+        return self.detector.classes
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return getattr(self.detector, "backbone", None)
+
+    @property
+    def means_update(self) -> Any:
+        return getattr(self.detector, "means_update", None)
+
+    @means_update.setter
+    def means_update(self, value: Any) -> None:
+        self.detector.means_update = value
+
+    def train(self, mode: bool = True) -> CropRescorer:
+        super().train(mode)
+        self.embedder.eval()  # frozen, BatchNorm statistics included
+        return self
+
+    @torch.no_grad()
+    def enroll(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], names: Sequence[str],
+               **kwargs: Any) -> list[int]:
+        """Enroll new classes in the detector (``detector.enroll(images, targets, names, **kwargs)``) and
+        give each the mean crop embedding of its support boxes (labels index ``names``; ``-1``: ignored).
+
+        Returns the new classes' label indices, as ``detector.enroll``.
+        """
+        names = list(names)
+        if len(self.prototypes) != len(self.classes) - self.num_base:
+            raise InvalidArgumentError("classes: expected every class after the base ones to be enrolled through this "
+                                       "CropRescorer, got classes added to the detector directly")
+        boxes, labels = [], []
+        for i, t in enumerate(targets):
+            lab = t["labels"].long()
+            if bool((lab >= len(names)).any()) or bool((lab < -1).any()):
+                raise LabelError(f"targets[{i}]['labels']: expected -1 or indices into the {len(names)} names, got "
+                                 f"{sorted(set(lab.tolist()))}")
+            keep = lab >= 0
+            boxes.append(t["boxes"][keep])
+            labels.append(lab[keep])
+        new = self.detector.enroll(images, targets, names, **kwargs)
+        device = self.prototypes.device
+        emb = self.embedder([im.to(device) for im in images], [b.to(device) for b in boxes])
+        lab = torch.cat(labels).to(device)
+        sums = emb.new_zeros(len(names), emb.shape[1]).index_add_(0, lab, emb)
+        self.prototypes = torch.cat([self.prototypes, F.normalize(sums, dim=1).to(self.prototypes.dtype)])
+        return new
+
+    def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None) -> Any:
+        """Training: the detector's losses. Inference: ``[{"boxes", "scores", "labels"}]`` per image."""
+        if self.training or targets is not None:
+            return self.detector(images, targets)
+        det = self.detector
+        saved = det.score_threshold, det.detections_per_image
+        det.score_threshold, det.detections_per_image = self.proposal_threshold, self.proposals_per_image
+        try:
+            raw = det(images)
+        finally:
+            det.score_threshold, det.detections_per_image = saved
+        n_img, num_base = len(raw), self.num_base
+        boxes = torch.cat([r["boxes"] for r in raw])
+        scores = torch.cat([r["scores"] for r in raw])
+        labels = torch.cat([r["labels"] for r in raw])
+        image = torch.repeat_interleave(torch.arange(n_img, device=boxes.device),
+                                        torch.tensor([len(r["boxes"]) for r in raw], device=boxes.device))
+        # Base classes: the detector's own detections at its own threshold and count.
+        base = torch.nonzero((labels < num_base) & (scores > saved[0])).squeeze(1)
+        base = base[_first_per_image(image[base], scores[base], saved[1])]
+        # Candidates for the enrolled classes: every class's detections, merged across classes.
+        cand = torchvision.ops.batched_nms(boxes.float(), scores.float(), image, self.nms_threshold)
+        cand = cand[_first_per_image(image[cand], scores[cand], self.candidates_per_image)]
+        base_counts = torch.bincount(image[base], minlength=n_img).tolist()
+        parts = {"boxes": boxes[base], "scores": scores[base], "labels": labels[base]}
+        if len(self.prototypes) == 0:
+            return [dict(zip(parts, v)) for v in zip(*(t.split(base_counts) for t in parts.values()))]
+        cand_counts = torch.bincount(image[cand], minlength=n_img).tolist()
+        emb = self.embedder(list(images), list(boxes[cand].split(cand_counts)))
+        top = (emb @ self.prototypes.to(emb).T).topk(min(self.top_classes, len(self.prototypes)), dim=1)
+        k = top.indices.shape[1]
+        new = {
+            "boxes": boxes[cand].repeat_interleave(k, dim=0),
+            "scores": ((1 + top.values.flatten()) / 2).to(scores.dtype),
+            "labels": (top.indices.flatten() + num_base).to(labels.dtype),
+        }
+        new_counts = [c * k for c in cand_counts]
+        out = []
+        for old_part, new_part in zip(zip(*(t.split(base_counts) for t in parts.values())),
+                                      zip(*(t.split(new_counts) for t in new.values()))):
+            out.append({key: torch.cat([a, b]) for key, a, b in zip(parts, old_part, new_part)})
+        return out
