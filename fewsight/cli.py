@@ -153,6 +153,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--calibrate", action="store_true", help="enroll with calibrated biases (see DLDENet.enroll)")
     fs.add_argument("--rivalry", type=float, default=5.0,
                     help="rivalry R of the enrolled classes (see DLDENet.enroll; 0: no gate; default 5)")
+    fs.add_argument("--crop-embedder", metavar="FILE",
+                    help="score the enrolled classes on box crops with this fewsight.models.CropEmbedder file "
+                    "(bench/export_crop_embedder.py): the detector proposes boxes, crop similarity to each class's "
+                    "support crops ranks them (fewsight.models.CropRescorer)")
     fs.add_argument("--finetune-steps", type=int, default=50)
     fs.add_argument("--finetune-lr", type=float, default=1e-4)
     fs.add_argument("--num-images", type=int, help="test images (per style for emoji; default 200, emoji 300)")
@@ -486,7 +490,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag in ("emoji_root", "novel_classes", "image_size", "reference"):
         if getattr(args, flag) is not None:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')}: expected only with --data emoji, got --data {args.data}")
-    model = _load_dldenet(args.checkpoint)
+    model = _with_crop_embedder(_load_dldenet(args.checkpoint), args.crop_embedder)
     if args.device is not None:
         model.to(_device(args.device))
     support = fd.DigitsDataset("train", 300, seed=100)
@@ -499,7 +503,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     payload = {"data": args.data, "checkpoint": str(args.checkpoint), "novel": [test.classes[c] for c in novel],
-               "calibrate": args.calibrate, "rivalry": args.rivalry,
+               "calibrate": args.calibrate, "rivalry": args.rivalry, "crop_embedder": args.crop_embedder,
                "threads": torch.get_num_threads(), **result.to_dict()}
     write_json(payload, out / "results.json")
     plot_fewshot(result.summary(), out / "fewshot.png", base_before=result.base_before["ap50"],
@@ -524,6 +528,15 @@ def _device(spec: str) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(f"--device: expected an available device, got {spec!r} (torch.cuda.is_available() is False)")
     return device
+
+
+def _with_crop_embedder(model: Any, path: str | None) -> Any:
+    """``model`` wrapped in a :class:`~fewsight.models.CropRescorer` with the embedder at ``path`` (if any)."""
+    if path is None:
+        return model
+    from fewsight.models import CropEmbedder, CropRescorer
+
+    return CropRescorer(model, CropEmbedder.load(path)).eval()
 
 
 def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
@@ -554,6 +567,7 @@ def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
             f"{len(model.classes)} classes, not base classes: {not_base[:5]}{'...' if len(not_base) > 5 else ''}"
         )
     base = [base_index[c] for c in model.classes]  # the model's label order
+    model = _with_crop_embedder(model, args.crop_embedder)
     novel = emoji_novel_subset(root, n, seed=0)
     novel_names = [catalog.names[i] for i in novel]
     reference = None
@@ -590,7 +604,8 @@ def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
         "novel_class_indices": list(data.novel_subset), "test_base": [data.classes[c] for c in data.test_base],
         "support_style": data.support_style, "image_size": image_size, "num_images": args.num_images,
         "num_support_images": len(data.support), "calibrate": args.calibrate, "rivalry": args.rivalry,
-        "threads": torch.get_num_threads(), "reference": ref, "styles": result["styles"],
+        "threads": torch.get_num_threads(), "crop_embedder": args.crop_embedder, "reference": ref,
+        "styles": result["styles"],
     }
     write_json(payload, out / "results.json")
     plots = []

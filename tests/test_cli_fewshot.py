@@ -160,6 +160,25 @@ def test_bench_fewshot_writes_results_and_plot(tmp_path, digits_model, capsys):
     assert load_detector(digits_model).classes == BASE  # the checkpoint file is not modified
 
 
+def test_bench_fewshot_with_a_crop_embedder(tmp_path, digits_model, capsys):
+    from fewsight.models import CropEmbedder
+
+    torch.manual_seed(0)
+    embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")
+    out = tmp_path / "bench"
+    argv = ["bench", "fewshot", "--checkpoint", str(digits_model), "--crop-embedder", str(embedder), "--shots", "1",
+            "--seeds", "1", "--num-images", "4", "--batch-size", "4", "--modes", "enroll", "finetune",
+            "--finetune-steps", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["crop_embedder"] == str(embedder)
+    assert [(r["mode"], r["k"]) for r in results["summary"]] == [("enroll", 1), ("finetune", 1)]
+    assert 0.0 <= results["summary"][0]["novel_ap50"] <= 1.0
+    torch.save({"format": "something else"}, tmp_path / "bad.pt")
+    assert main([*argv[:4], "--crop-embedder", str(tmp_path / "bad.pt"), *argv[6:]]) == 1
+    assert "fewsight-crop-embedder-1" in capsys.readouterr().err
+
+
 def test_bench_fewshot_bad_inputs(tmp_path, retinanet_file, tmp_path_factory, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "fewshot", "--checkpoint", str(retinanet_file), "--out", str(out), "--quiet"]) == 1
