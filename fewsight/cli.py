@@ -125,6 +125,10 @@ def _build_parser() -> argparse.ArgumentParser:
     en.add_argument("--rivalry", type=float, default=5.0,
                     help="gate new classes by how much closer an object is to them than to the best trained class: "
                          "p * sigmoid(R (cos - best trained cos)) (see DLDENet.enroll; 0: no gate; default 5)")
+    en.add_argument("--crop-embedder", metavar="FILE",
+                    help="also score the new classes on box crops with this fewsight.models.CropEmbedder file "
+                    "(bench/export_crop_embedder.py): the detector proposes boxes, similarity to the support crops "
+                    "labels them (fewsight.models.CropRescorer; the output file holds both networks)")
     en.add_argument("--out", required=True, help="output detector file (.pt)")
 
     be = sub.add_parser(
@@ -439,6 +443,12 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     from fewsight.train import save_detector
 
     model = _load_dldenet(args.checkpoint)
+    if args.crop_embedder is not None and hasattr(model, "embedder"):
+        from fewsight.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--crop-embedder: expected a plain DLDENet --checkpoint, got {args.checkpoint}, "
+                                   "which already has a crop embedder (enroll into it without --crop-embedder)")
+    model = _with_crop_embedder(model, args.crop_embedder)
     support = _support_dataset(args)
     names = args.classes
     if names is None and (args.format == "digits" or args.support == "digits"):
@@ -448,7 +458,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
                               rivalry=args.rivalry)
     added = [model.classes[i] for i in new]
     save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
-                                             "seed": args.seed, "rivalry": args.rivalry, "base_classes": before})
+                                             "seed": args.seed, "rivalry": args.rivalry, "base_classes": before,
+                                             "crop_embedder": args.crop_embedder})
     print(f"enrolled {', '.join(added)} ({'every box' if args.shots is None else f'{args.shots} per class'}); "
           f"the model now has {len(model.classes)} classes; wrote {args.out}")
     return 0

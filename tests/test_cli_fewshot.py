@@ -109,6 +109,37 @@ def test_enroll_on_digits_with_shots(tmp_path, digits_model, capsys):
     assert not torch.allclose(load_detector(other).classifier.means[8:], model.classifier.means[8:])
 
 
+def test_enroll_with_a_crop_embedder_then_predict(tmp_path, digits_model, capsys):
+    from fewsight.models import CropEmbedder, CropRescorer
+
+    torch.manual_seed(0)
+    embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")
+    out = tmp_path / "crops.pt"
+    argv = ["enroll", "--checkpoint", str(digits_model), "--support", "digits", "--shots", "2",
+            "--crop-embedder", str(embedder), "--out", str(out)]
+    assert main(argv) == 0
+    model = load_detector(out)
+    assert isinstance(model, CropRescorer) and model.classes == [*BASE, "8", "9"] and model.num_base == len(BASE)
+    assert model.prototypes.shape == (2, 8) and not model.training
+    assert torch.load(out, weights_only=True)["metadata"]["crop_embedder"] == str(embedder)
+    # The file rebuilds the same model: same detections on the same images.
+    again = load_detector(out)
+    images = [DigitsDataset("test", 2, seed=1)[i][0] for i in range(2)]
+    with torch.no_grad():
+        for a, b in zip(model(images), again(images)):
+            torch.testing.assert_close(a["scores"], b["scores"])
+            assert bool((a["labels"] >= len(BASE)).any())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    save_image(images[0], folder / "a.png")
+    assert main(["predict", "--checkpoint", str(out), str(folder), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["classes"] == [*BASE, "8", "9"]
+    # A second embedder is refused.
+    capsys.readouterr()
+    assert main([*argv[:2], str(out), *argv[3:]]) == 1
+    assert "already has a crop embedder" in capsys.readouterr().err
+
+
 def test_enroll_bad_inputs(tmp_path, digits_model, retinanet_file, capsys):
     _, ann = _support(tmp_path, "coco")
     out = tmp_path / "never.pt"

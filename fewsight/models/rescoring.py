@@ -100,6 +100,12 @@ class CropRescorer(nn.Module):
         self.num_base = len(detector.classes)
         self.register_buffer("prototypes", torch.zeros(0, embedder.dim))
 
+    def settings(self) -> dict[str, Any]:
+        """The candidate-selection arguments of the constructor (what a saved file records)."""
+        return {"proposal_threshold": self.proposal_threshold, "proposals_per_image": self.proposals_per_image,
+                "nms_threshold": self.nms_threshold, "candidates_per_image": self.candidates_per_image,
+                "top_classes": self.top_classes}
+
     # The detector's attributes that the few-shot tools read or set.
     @property
     def classes(self) -> list[str]:

@@ -109,6 +109,13 @@ def save_detector(model: nn.Module, path: str | Path, *, spec: Mapping[str, Any]
     Content: ``{"format": "fewsight.detector", "version", "model": spec, "classes", "state_dict",
     "metadata"}`` with tensors on the CPU; ``spec`` defaults to :func:`fewsight.train.model_spec`.
     """
+    from fewsight.models.rescoring import CropRescorer
+
+    if isinstance(model, CropRescorer):
+        # The detector's own spec, plus what rebuilds the wrapper; the state_dict holds both networks.
+        spec = dict(spec) if spec is not None else model_spec(model.detector)
+        spec["crop_rescorer"] = {"embedder": dict(model.embedder.config), "settings": model.settings(),
+                                 "num_base": model.num_base}
     spec = dict(spec) if spec is not None else model_spec(model)
     # Non-tensor entries are modules' extra state (e.g. the class names), kept as they are.
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
@@ -121,6 +128,21 @@ def save_detector(model: nn.Module, path: str | Path, *, spec: Mapping[str, Any]
         "metadata": dict(metadata or {}),
     }
     return _save_bytes(payload, path)
+
+
+def _crop_rescorer(path: Path, detector: nn.Module, info: Mapping[str, Any], state: Mapping[str, Any]) -> nn.Module:
+    """The :class:`~fewsight.models.CropRescorer` a :func:`save_detector` file describes, buffers sized to ``state``."""
+    from fewsight.models import CropEmbedder, CropRescorer
+
+    try:
+        embedder = CropEmbedder(**dict(info["embedder"]), pretrained=False)
+        model = CropRescorer(detector, embedder, **dict(info["settings"]))
+        model.num_base = int(info["num_base"])
+        model.prototypes = torch.empty_like(state["prototypes"])
+        embedder.white_proj = torch.empty_like(state["embedder.white_proj"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the crop rescorer ({type(exc).__name__}: {exc})") from exc
+    return model
 
 
 def _spec_and_state(path: Path, ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -158,6 +180,8 @@ def load_detector(path: str | Path) -> nn.Module:
         )
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot rebuild the {spec['name']} model ({type(exc).__name__}: {exc})") from exc
+    if isinstance(spec.get("crop_rescorer"), Mapping):
+        model = _crop_rescorer(path, model, spec["crop_rescorer"], state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
