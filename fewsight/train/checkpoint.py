@@ -138,7 +138,8 @@ def _crop_rescorer(path: Path, detector: nn.Module, info: Mapping[str, Any], sta
         embedder = CropEmbedder(**dict(info["embedder"]), pretrained=False)
         model = CropRescorer(detector, embedder, **dict(info["settings"]))
         model.num_base = int(info["num_base"])
-        model.prototypes = torch.empty_like(state["prototypes"])
+        for name in ("prototypes", "thresholds", "scales"):
+            setattr(model, name, torch.empty_like(state[name]))
         embedder.white_proj = torch.empty_like(state["embedder.white_proj"])
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot rebuild the crop rescorer ({type(exc).__name__}: {exc})") from exc

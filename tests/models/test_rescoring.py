@@ -126,7 +126,29 @@ def test_enroll_prototypes_are_mean_support_embeddings():
     with torch.no_grad():
         e_a = model.embedder([images[0]], [BOXES[0][:1]])
         e_b = model.embedder([images[1]], [BOXES[1]])
-    torch.testing.assert_close(model.prototypes, F.normalize(torch.cat([e_a, e_b]), dim=1))
+    protos = F.normalize(torch.cat([e_a, e_b]), dim=1)
+    torch.testing.assert_close(model.prototypes, protos)
+    # Calibration: halfway between the support boxes' cosine and the other candidates' (naive loops).
+    model.eval()
+    with torch.no_grad():
+        det = model.detector
+        det.score_threshold, det.detections_per_image = 0.001, 100
+        raw = det(images)
+        det.score_threshold, det.detections_per_image = 0.05, 100
+    own_boxes = [[BOXES[0][0]], [BOXES[1][0]]]  # class a lives in image 0, class b in image 1
+    for c in range(2):
+        pos = float(torch.cat([e_a, e_b])[c] @ protos[c])
+        negs = []
+        for i, r in enumerate(raw):
+            keep = torchvision.ops.nms(r["boxes"], r["scores"], 0.5)[:30]
+            for b in r["boxes"][keep]:
+                if c == i and float(torchvision.ops.box_iou(b[None], own_boxes[c][0][None])) >= 0.5:
+                    continue
+                with torch.no_grad():
+                    negs.append(float(model.embedder([images[i]], [b[None]])[0] @ protos[c]))
+        neg = sum(negs) / len(negs) if negs else 0.0
+        assert model.thresholds[c].item() == pytest.approx((pos + neg) / 2, abs=1e-5)
+        assert model.scales[c].item() == pytest.approx(4 / max(pos - neg, 0.1), rel=1e-4)
     with pytest.raises(LabelError):
         model.enroll(images, [{"boxes": BOXES[0], "labels": torch.tensor([0, 2])}, targets[1]], ["c", "d"])
 
@@ -169,7 +191,8 @@ def test_enrolled_classes_scored_by_crop_similarity_against_naive():
             for v, i in zip(val, idx):
                 hit = (o["boxes"][novel] == b).all(1) & (o["labels"][novel] == 2 + i)
                 assert int(hit.sum()) == 1
-                torch.testing.assert_close(o["scores"][novel][hit], ((1 + v) / 2)[None], atol=1e-5, rtol=1e-5)
+                expected = torch.sigmoid(model.scales[i] * (v - model.thresholds[i]))
+                torch.testing.assert_close(o["scores"][novel][hit], expected[None], atol=1e-5, rtol=1e-5)
         assert bool((o["labels"][~novel] < 2).all())
 
 
