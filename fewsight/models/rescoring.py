@@ -10,7 +10,8 @@ support boxes, and is detected as:
   ``candidates_per_image`` best;
 * each candidate is labelled with its ``top_classes`` most similar enrolled classes c, with score
   ``sigmoid(s_c (cos(e(box), prototype_c) − t_c))``. Enrollment calibrates ``t_c`` halfway between the
-  mean cosine of the class's support boxes and that of the support images' other candidates, and
+  mean cosine of the class's support boxes and that of the support images' other candidates (the
+  ``CALIBRATION_CANDIDATES`` strongest per image), and
   ``s_c = 4 / (their gap)``: 0.5 at the midpoint, 0.88 at the support mean. The score is monotone in the
   cosine within a class, so AP is that of ranking by crop similarity.
 
@@ -45,7 +46,10 @@ from torch import Tensor, nn
 from fewsight.errors import InvalidArgumentError, LabelError
 from fewsight.models.crop_embedder import CropEmbedder
 
-__all__ = ["CropRescorer"]
+__all__ = ["CALIBRATION_CANDIDATES", "CropRescorer"]
+
+#: Candidates per support image whose crop similarity calibrates an enrolled class's score.
+CALIBRATION_CANDIDATES = 5
 
 
 def _first_per_image(image: Tensor, score: Tensor, n: int) -> Tensor:
@@ -167,8 +171,9 @@ class CropRescorer(nn.Module):
             protos = F.normalize(sums, dim=1)
             pos = (emb * protos[lab]).sum(1)
             pos_mean = pos.new_zeros(len(names)).index_add_(0, lab, pos) / torch.bincount(lab, minlength=len(names))
-            # Negatives: the support images' candidates that are not a support box of the class.
-            cand_boxes, cand_image = self._proposals(images)[2:]
+            # Negatives: the support images' strongest candidates that are not a support box of the class
+            # (the ones that compete at test time; a few per image keep enrollment cheap).
+            cand_boxes, cand_image = self._proposals(images, limit=CALIBRATION_CANDIDATES)[2:]
             neg_mean = self._negative_means(cand_boxes, cand_image, protos, images, boxes, lab)
         finally:
             self.train(was_training)
@@ -196,9 +201,11 @@ class CropRescorer(nn.Module):
         cos = emb @ protos.T
         return (cos * negative).sum(0) / negative.sum(0).clamp(min=1) * (negative.sum(0) > 0)
 
-    def _proposals(self, images: Sequence[Tensor]) -> tuple[dict[str, Tensor], list[int], Tensor, Tensor]:
+    def _proposals(self, images: Sequence[Tensor], limit: int | None = None
+                   ) -> tuple[dict[str, Tensor], list[int], Tensor, Tensor]:
         """The detector at the proposal threshold: its base detections at its own settings (per-image
-        counts) and the candidates for the enrolled classes (boxes, image index, grouped by image)."""
+        counts) and the candidates for the enrolled classes (boxes, image index, grouped by image; at
+        most ``limit`` per image, default ``candidates_per_image``)."""
         det = self.detector
         saved = det.score_threshold, det.detections_per_image
         det.score_threshold, det.detections_per_image = self.proposal_threshold, self.proposals_per_image
@@ -217,7 +224,7 @@ class CropRescorer(nn.Module):
         base = base[_first_per_image(image[base], scores[base], saved[1])]
         # Candidates for the enrolled classes: every class's detections, merged across classes.
         cand = torchvision.ops.batched_nms(boxes.float(), scores.float(), image, self.nms_threshold)
-        cand = cand[_first_per_image(image[cand], scores[cand], self.candidates_per_image)]
+        cand = cand[_first_per_image(image[cand], scores[cand], limit or self.candidates_per_image)]
         base_part = {"boxes": boxes[base], "scores": scores[base], "labels": labels[base]}
         return base_part, torch.bincount(image[base], minlength=n_img).tolist(), boxes[cand], image[cand]
 
