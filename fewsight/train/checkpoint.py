@@ -115,7 +115,7 @@ def save_detector(model: nn.Module, path: str | Path, *, spec: Mapping[str, Any]
         # The detector's own spec, plus what rebuilds the wrapper; the state_dict holds both networks.
         spec = dict(spec) if spec is not None else model_spec(model.detector)
         spec["crop_rescorer"] = {"embedder": dict(model.embedder.config), "settings": model.settings(),
-                                 "num_base": model.num_base}
+                                 "enrolled": list(model.enrolled)}
     spec = dict(spec) if spec is not None else model_spec(model)
     # Non-tensor entries are modules' extra state (e.g. the class names), kept as they are.
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
@@ -137,7 +137,7 @@ def _crop_rescorer(path: Path, detector: nn.Module, info: Mapping[str, Any], sta
     try:
         embedder = CropEmbedder(**dict(info["embedder"]), pretrained=False)
         model = CropRescorer(detector, embedder, **dict(info["settings"]))
-        model.num_base = int(info["num_base"])
+        model.enrolled = [str(n) for n in info["enrolled"]]
         for name in ("prototypes", "thresholds", "scales"):
             setattr(model, name, torch.empty_like(state[name]))
         embedder.white_proj = torch.empty_like(state["embedder.white_proj"])
