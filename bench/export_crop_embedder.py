@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fewsight.data import EmojiCrops, emoji_classes
-from fewsight.models import CropEmbedder
+from fewsight.fewshot import CropEmbedder
 from fewsight.retrieval import learn_whitening
 
 

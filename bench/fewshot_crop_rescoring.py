@@ -40,8 +40,8 @@ from metric_learning import MobileNetEmbedding  # noqa: E402
 from fewsight.data import emoji_classes  # noqa: E402
 from fewsight.eval import DetectionEvaluator  # noqa: E402
 from fewsight.eval.evaluate import predict  # noqa: E402
-from fewsight.eval.fewshot import enroll_support, mean_interval, sample_support  # noqa: E402
-from fewsight.eval.fewshot_emoji import emoji_fewshot_datasets  # noqa: E402
+from fewsight.fewshot.protocol import enroll_support, mean_interval, sample_support  # noqa: E402
+from fewsight.fewshot.emoji import emoji_fewshot_datasets  # noqa: E402
 from fewsight.models import crop_boxes  # noqa: E402
 from fewsight.retrieval import learn_whitening  # noqa: E402
 from fewsight.train import load_detector  # noqa: E402

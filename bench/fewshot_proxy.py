@@ -12,7 +12,7 @@ localisation and background: use it to compare base recipes in seconds instead o
 
 * ``--data digits`` (novel 8 and 9; 200 test canvases, seed 1; support from 300 training canvases,
   seed 100) tracks ``fewsight bench fewshot`` within about 0.01 on the demo model (docs/results.md).
-* ``--data emoji`` (``fewsight.eval.fewshot_emoji.emoji_fewshot_datasets`` over the model's base classes:
+* ``--data emoji`` (``fewsight.fewshot.emoji.emoji_fewshot_datasets`` over the model's base classes:
   the 50 novel classes, 300 Google-style support canvases, ``--num-images`` test canvases per style)
   prints same-style and cross-style figures; detection AP is lower than the proxy, most of all
   cross-style (0.42 against 0.59 on runs/emoji_base), where scores of true objects are low.
@@ -96,7 +96,7 @@ def main() -> None:
         novel = [8, 9]
     else:
         from fewsight.data import emoji_classes
-        from fewsight.eval.fewshot_emoji import emoji_fewshot_datasets
+        from fewsight.fewshot.emoji import emoji_fewshot_datasets
 
         index = {n: i for i, n in enumerate(emoji_classes(args.emoji_root).names)}
         data = emoji_fewshot_datasets(args.emoji_root, base=[index[c] for c in model.classes], num_support=300,

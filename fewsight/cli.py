@@ -126,9 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="gate new classes by how much closer an object is to them than to the best trained class: "
                          "p * sigmoid(R (cos - best trained cos)) (see DLDENet.enroll; 0: no gate; default 5)")
     en.add_argument("--crop-embedder", metavar="FILE",
-                    help="also score the new classes on box crops with this fewsight.models.CropEmbedder file "
+                    help="also score the new classes on box crops with this fewsight.fewshot.CropEmbedder file "
                     "(bench/export_crop_embedder.py): the detector proposes boxes, similarity to the support crops "
-                    "labels them (fewsight.models.CropRescorer; the output file holds both networks)")
+                    "labels them (fewsight.fewshot.CropRescorer; the output file holds both networks)")
     en.add_argument("--out", required=True, help="output detector file (.pt)")
 
     be = sub.add_parser(
@@ -158,9 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--rivalry", type=float, default=5.0,
                     help="rivalry R of the enrolled classes (see DLDENet.enroll; 0: no gate; default 5)")
     fs.add_argument("--crop-embedder", metavar="FILE",
-                    help="score the enrolled classes on box crops with this fewsight.models.CropEmbedder file "
+                    help="score the enrolled classes on box crops with this fewsight.fewshot.CropEmbedder file "
                     "(bench/export_crop_embedder.py): the detector proposes boxes, crop similarity to each class's "
-                    "support crops ranks them (fewsight.models.CropRescorer)")
+                    "support crops ranks them (fewsight.fewshot.CropRescorer)")
     fs.add_argument("--finetune-steps", type=int, default=50)
     fs.add_argument("--finetune-lr", type=float, default=1e-4)
     fs.add_argument("--num-images", type=int, help="test images (per style for emoji; default 200, emoji 300)")
@@ -172,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fe = fs.add_argument_group("emoji (with --data emoji)")
     fe.add_argument("--emoji-root", help="the emoji data folder (default: data/emoji)")
     fe.add_argument("--novel-classes", type=int, metavar="N",
-                    help="enroll N novel classes (fewsight.eval.fewshot_emoji.emoji_novel_subset, seed 0; default 50)")
+                    help="enroll N novel classes (fewsight.fewshot.emoji.emoji_novel_subset, seed 0; default 50)")
     fe.add_argument("--image-size", type=int, help="canvas side of the support and test images (default 192)")
     fe.add_argument("--reference", metavar="CHECKPOINT",
                     help="a detector trained with full supervision on the novel classes (configs/emoji_supervised.yaml); "
@@ -439,7 +439,7 @@ def _support_dataset(args: argparse.Namespace) -> Any:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from fewsight.eval import enroll_from_dataset
+    from fewsight.fewshot import enroll_from_dataset
     from fewsight.train import save_detector
 
     model = _load_dldenet(args.checkpoint)
@@ -470,7 +470,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from fewsight import data as fd
     from fewsight.errors import InvalidArgumentError
-    from fewsight.eval import plot_fewshot, run_fewshot, write_json
+    from fewsight.eval import plot_fewshot, write_json
+    from fewsight.fewshot import run_fewshot
 
     if args.bench == "fewshot" and args.num_images is None:
         args.num_images = 300 if args.data == "emoji" else 200
@@ -542,10 +543,10 @@ def _device(spec: str) -> Any:
 
 
 def _with_crop_embedder(model: Any, path: str | None) -> Any:
-    """``model`` wrapped in a :class:`~fewsight.models.CropRescorer` with the embedder at ``path`` (if any)."""
+    """``model`` wrapped in a :class:`~fewsight.fewshot.CropRescorer` with the embedder at ``path`` (if any)."""
     if path is None:
         return model
-    from fewsight.models import CropEmbedder, CropRescorer
+    from fewsight.fewshot import CropEmbedder, CropRescorer
 
     return CropRescorer(model, CropEmbedder.load(path)).eval()
 
@@ -557,7 +558,7 @@ def _bench_fewshot_emoji(args: argparse.Namespace) -> int:
     from fewsight.data.emoji import DEFAULT_ROOT, emoji_classes
     from fewsight.errors import InvalidArgumentError
     from fewsight.eval import plot_fewshot, write_json
-    from fewsight.eval.fewshot_emoji import base_support_size, emoji_fewshot_datasets, emoji_novel_subset, run_emoji_fewshot
+    from fewsight.fewshot.emoji import base_support_size, emoji_fewshot_datasets, emoji_novel_subset, run_emoji_fewshot
     from fewsight.train import load_detector
 
     root = Path(args.emoji_root) if args.emoji_root is not None else DEFAULT_ROOT

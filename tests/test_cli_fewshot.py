@@ -110,7 +110,7 @@ def test_enroll_on_digits_with_shots(tmp_path, digits_model, capsys):
 
 
 def test_enroll_with_a_crop_embedder_then_predict(tmp_path, digits_model, capsys):
-    from fewsight.models import CropEmbedder, CropRescorer
+    from fewsight.fewshot import CropEmbedder, CropRescorer
 
     torch.manual_seed(0)
     embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")
@@ -192,7 +192,7 @@ def test_bench_fewshot_writes_results_and_plot(tmp_path, digits_model, capsys):
 
 
 def test_bench_fewshot_with_a_crop_embedder(tmp_path, digits_model, capsys):
-    from fewsight.models import CropEmbedder
+    from fewsight.fewshot import CropEmbedder
 
     torch.manual_seed(0)
     embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")

@@ -4,7 +4,6 @@
   per-class AP / AP50 through ``torchmetrics.detection.MeanAveragePrecision``.
 * :func:`evaluate_model` / :func:`predict` — run a detector over a dataset / images (progress bar).
 * :func:`plot_detections`, :func:`plot_detection_grid`, :func:`plot_precision_recall` — figures.
-* :func:`run_fewshot`, :func:`sample_support`, :func:`enroll_from_dataset` — the few-shot protocol.
 * :func:`write_json`, :func:`to_jsonable`, :func:`detections_to_json` — standard-JSON output.
 
 Example:
@@ -19,31 +18,15 @@ Example:
 from fewsight.eval.evaluate import evaluate_model, model_device, predict, progress_bar
 from fewsight.eval.io import atomic_write_bytes, detections_to_json, to_jsonable, write_json
 from fewsight.eval.metrics import DetectionEvaluator, evaluate_detections, normalize_predictions, normalize_targets
-from fewsight.eval.fewshot import (
-    FewShotResult,
-    SupportSet,
-    enroll_from_dataset,
-    enroll_support,
-    finetune,
-    mean_interval,
-    run_fewshot,
-    sample_support,
-)
 from fewsight.eval.plots import draw_detections, plot_detection_grid, plot_detections, plot_fewshot, plot_precision_recall
 
 __all__ = [
     "DetectionEvaluator",
-    "FewShotResult",
-    "SupportSet",
     "atomic_write_bytes",
     "detections_to_json",
     "draw_detections",
-    "enroll_from_dataset",
-    "enroll_support",
     "evaluate_detections",
     "evaluate_model",
-    "finetune",
-    "mean_interval",
     "model_device",
     "normalize_predictions",
     "normalize_targets",
@@ -53,8 +36,6 @@ __all__ = [
     "plot_precision_recall",
     "predict",
     "progress_bar",
-    "run_fewshot",
-    "sample_support",
     "to_jsonable",
     "write_json",
 ]

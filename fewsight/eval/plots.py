@@ -219,7 +219,7 @@ def plot_fewshot(
 ) -> Figure:
     """Novel (solid) and base (dashed) AP50 against ``k`` with 95% intervals, one colour per mode.
 
-    ``summary``: rows of :meth:`fewsight.eval.fewshot.FewShotResult.summary` (``mode``, ``k``,
+    ``summary``: rows of :meth:`fewsight.fewshot.protocol.FewShotResult.summary` (``mode``, ``k``,
     ``novel_ap50``, ``novel_ap50_ci95``, ``base_ap50``, ``base_ap50_ci95``); ``base_before``: base AP50
     of the model before enrollment (a grey line).
     """

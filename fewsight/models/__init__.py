@@ -11,13 +11,11 @@ from fewsight.models.backbones import (
 )
 from fewsight.models.fpn import FPN
 from fewsight.models.crops import crop_boxes
-from fewsight.models.crop_embedder import CROP_EMBEDDER_FORMAT, CropEmbedder
 from fewsight.models.detector import DenseDetector
 from fewsight.models.heads import DLDENetHead, RetinaNetHead
 from fewsight.models.retinanet import RetinaNet
 from fewsight.models.dldenet import DirectionalClassifier, DLDENet
 from fewsight.models.ssd import SSD, DefaultBoxGenerator, SSDHead
-from fewsight.models.rescoring import CropRescorer
 from fewsight.models.export import OnnxDetector, OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
 
 __all__: list[str] = [
@@ -25,9 +23,6 @@ __all__: list[str] = [
     "BackboneWithFPN",
     "FPN",
     "crop_boxes",
-    "CROP_EMBEDDER_FORMAT",
-    "CropEmbedder",
-    "CropRescorer",
     "MobileNetV2Features",
     "ResNetFeatures",
     "build_backbone",

@@ -109,7 +109,7 @@ def save_detector(model: nn.Module, path: str | Path, *, spec: Mapping[str, Any]
     Content: ``{"format": "fewsight.detector", "version", "model": spec, "classes", "state_dict",
     "metadata"}`` with tensors on the CPU; ``spec`` defaults to :func:`fewsight.train.model_spec`.
     """
-    from fewsight.models.rescoring import CropRescorer
+    from fewsight.fewshot.rescorer import CropRescorer
 
     if isinstance(model, CropRescorer):
         # The detector's own spec, plus what rebuilds the wrapper; the state_dict holds both networks.
@@ -131,8 +131,8 @@ def save_detector(model: nn.Module, path: str | Path, *, spec: Mapping[str, Any]
 
 
 def _crop_rescorer(path: Path, detector: nn.Module, info: Mapping[str, Any], state: Mapping[str, Any]) -> nn.Module:
-    """The :class:`~fewsight.models.CropRescorer` a :func:`save_detector` file describes, buffers sized to ``state``."""
-    from fewsight.models import CropEmbedder, CropRescorer
+    """The :class:`~fewsight.fewshot.CropRescorer` a :func:`save_detector` file describes, buffers sized to ``state``."""
+    from fewsight.fewshot import CropEmbedder, CropRescorer
 
     try:
         embedder = CropEmbedder(**dict(info["embedder"]), pretrained=False)

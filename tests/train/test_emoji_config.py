@@ -12,7 +12,7 @@ import yaml
 
 from fewsight.data import EmojiLogosDataset, emoji_classes
 from fewsight.errors import ConfigError
-from fewsight.eval.fewshot_emoji import emoji_base_subset, emoji_novel_subset
+from fewsight.fewshot.emoji import emoji_base_subset, emoji_novel_subset
 from fewsight.train import train
 from fewsight.train.builders import build_datasets, dataset_class
 from fewsight.train.config import DATASET_TYPES, load_config

@@ -14,8 +14,8 @@ from fewsight.cli import main
 from fewsight.data import EmojiLogosDataset, emoji_classes
 from fewsight.errors import DataError, InvalidArgumentError
 from fewsight.eval import evaluate_detections
-from fewsight.eval.fewshot import _ap50
-from fewsight.eval.fewshot_emoji import (
+from fewsight.fewshot.protocol import _ap50
+from fewsight.fewshot.emoji import (
     _mean_ap50,
     base_support_size,
     emoji_base_subset,

@@ -21,7 +21,8 @@ measurement (docs/results.md).
 
 Example:
     >>> import torch
-    >>> from fewsight.models import CropEmbedder, DLDENet
+    >>> from fewsight.fewshot import CropEmbedder
+    >>> from fewsight.models import DLDENet
     >>> det = DLDENet(2, backbone="resnet18", levels=(3, 4, 5), fpn_channels=16, embedding_dim=8, head_convs=1)
     >>> model = CropRescorer(det.eval(), CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False)).eval()
     >>> images = [torch.rand(3, 64, 64)]
@@ -44,7 +45,7 @@ import torchvision
 from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError, LabelError
-from fewsight.models.crop_embedder import CropEmbedder
+from fewsight.fewshot.crop_embedder import CropEmbedder
 
 __all__ = ["CALIBRATION_CANDIDATES", "CropRescorer"]
 

@@ -5,7 +5,7 @@ seeded subset of the novel classes (:func:`emoji_novel_subset`, 50 by default) f
 examples each, drawn in the **Google** style; it is then tested on scenes of the **same** style
 (Google) and of the **other** style (Twitter), reported apart. :func:`emoji_fewshot_datasets` builds
 the three datasets over one label list — every base class (in the base model's order) followed by the
-novel subset — and :func:`run_emoji_fewshot` runs :func:`~fewsight.eval.run_fewshot` on both test
+novel subset — and :func:`run_emoji_fewshot` runs :func:`~fewsight.fewshot.run_fewshot` on both test
 sets with the same seeded support sets, plus, optionally, a fully supervised reference detector
 trained on the novel subset alone (``configs/emoji_supervised.yaml``) whose novel AP50 sets the
 scale: each k-shot row gets ``novel_ap50 / reference_novel_ap50``.
@@ -42,7 +42,7 @@ from fewsight.data.dataset import RelabeledDataset, Target
 from fewsight.data.emoji import DEFAULT_ROOT, STYLES, EmojiLogosDataset, emoji_classes
 from fewsight.errors import InvalidArgumentError, check_choice
 from fewsight.eval.evaluate import evaluate_model
-from fewsight.eval.fewshot import run_fewshot
+from fewsight.fewshot.protocol import run_fewshot
 
 __all__ = [
     "EmojiFewShotData",
@@ -310,7 +310,7 @@ def run_emoji_fewshot(
     batch_size: int = 8,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """:func:`~fewsight.eval.run_fewshot` on both test sets of ``data``, and the reference's novel AP50.
+    """:func:`~fewsight.fewshot.run_fewshot` on both test sets of ``data``, and the reference's novel AP50.
 
     ``model``: a DLDENet over the base classes (``data.base_names``, any order); ``kwargs``: the other
     arguments of :func:`run_fewshot` (``shots``, ``seeds``, ``modes``, ``finetune_steps``, ...). The

@@ -13,15 +13,14 @@ from torch import nn
 
 from fewsight.data import DigitsDataset
 from fewsight.errors import InvalidArgumentError
-from fewsight.eval import (
+from fewsight.eval import evaluate_model, plot_fewshot
+from fewsight.fewshot import (
     FewShotResult,
     SupportSet,
     enroll_from_dataset,
     enroll_support,
-    evaluate_model,
     finetune,
     mean_interval,
-    plot_fewshot,
     run_fewshot,
     sample_support,
 )

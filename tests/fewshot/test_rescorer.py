@@ -6,9 +6,9 @@ import torch.nn.functional as F
 import torchvision
 
 from fewsight.errors import CheckpointError, InvalidArgumentError, LabelError, ShapeError
-from fewsight.eval import finetune
-from fewsight.models import CropEmbedder, CropRescorer, DLDENet, crop_boxes
-from fewsight.models.rescoring import _first_per_image
+from fewsight.fewshot import CropEmbedder, CropRescorer, finetune
+from fewsight.models import DLDENet, crop_boxes
+from fewsight.fewshot.rescorer import _first_per_image
 from fewsight.retrieval import Whitening
 from tests._helpers import one_thread  # noqa: F401  (autouse)
 
