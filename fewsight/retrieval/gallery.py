@@ -52,6 +52,7 @@ from fewsight.errors import (
     check_ndim,
 )
 from fewsight._io import atomic_write_bytes
+from fewsight.retrieval.hubness import csls_penalty
 from fewsight.retrieval.metrics import ordered_topk
 
 __all__ = ["GALLERY_FORMAT", "Gallery", "SearchResult"]
@@ -59,6 +60,7 @@ __all__ = ["GALLERY_FORMAT", "Gallery", "SearchResult"]
 GALLERY_FORMAT = "fewsight.gallery"
 _VERSION = 1
 _FILE_NAME = "gallery.pt"  # used when save/load is given a folder
+_BLOCK_ELEMENTS = 1 << 22  # CSLS scores: at most this many query x gallery floats at once
 
 
 def _import_faiss() -> Any:
@@ -236,16 +238,24 @@ class Gallery:
 
     # ------------------------------------------------------------------ searching
 
-    def search(self, queries: Tensor, k: int) -> SearchResult:
+    def search(self, queries: Tensor, k: int, *, csls_reference: Tensor | None = None, csls_k: int = 10) -> SearchResult:
         """The ``k`` most similar items for each of ``queries: Tensor[Q, D]`` (normalised here).
 
         Returns a :class:`SearchResult` on the queries' device, rows padded with ``-1`` indices when
         the gallery holds fewer than ``k`` items. Exact: equal to a brute-force cosine top-k.
+
+        ``csls_reference: Tensor[R, D]``, a sample of the query domain (e.g. training-class objects
+        seen the way queries are), ranks by CSLS instead of the cosine:
+        ``2 cos(q, g) − r(g)`` with ``r(g)`` the mean cosine of ``g`` to its ``csls_k`` nearest
+        reference rows (:func:`~fewsight.retrieval.csls_similarity`), which demotes gallery hubs
+        that are near every query. Scores are then CSLS values, computed in blocks of queries.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k: expected an int >= 1, got {k!r}")
         x = self._as_faiss_input("queries", queries)
         q, n = x.shape[0], len(self)
+        if csls_reference is not None:
+            return self._csls_search(x, k, csls_reference, csls_k, queries.device)
         scores = torch.full((q, k), -math.inf, dtype=torch.float32)
         indices = torch.full((q, k), -1, dtype=torch.long)
         if q and n:
@@ -260,6 +270,21 @@ class Gallery:
                 if boundary.numel():
                     scores[boundary], indices[boundary] = self._exact_rows(x[boundary.numpy()], k)
         return self._result(scores, indices, queries.device)
+
+    def _csls_search(self, x: Any, k: int, reference: Tensor, csls_k: int, device: torch.device) -> SearchResult:
+        reference = torch.from_numpy(self._as_faiss_input("csls_reference", reference))
+        q, n = x.shape[0], len(self)
+        scores = torch.full((q, k), -math.inf, dtype=torch.float32)
+        indices = torch.full((q, k), -1, dtype=torch.long)
+        if q and n:
+            stored = torch.from_numpy(self._index.reconstruct_n(0, n))
+            penalty = csls_penalty(stored, reference, csls_k)
+            found = min(k, n)
+            block = max(1, _BLOCK_ELEMENTS // n)
+            for i in range(0, q, block):
+                sim = 2 * torch.from_numpy(x[i : i + block]) @ stored.T - penalty[None, :]
+                scores[i : i + block, :found], indices[i : i + block, :found] = ordered_topk(sim, found)
+        return self._result(scores, indices, device)
 
     @staticmethod
     def _order_ties(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:

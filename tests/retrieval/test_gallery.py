@@ -240,3 +240,45 @@ def test_repr():
     g = Gallery(dim=2, class_names=["a"])
     g.add(torch.randn(3, 2))
     assert repr(g) == "Gallery(size=3, dim=2, classes=1)"
+
+
+# ----------------------------------------------------------------------------- CSLS
+
+
+def naive_csls(gallery, queries, reference, k):
+    g, q, ref = (F.normalize(t.double(), dim=1) for t in (gallery, queries, reference))
+    r = torch.stack([torch.tensor(sorted((gi @ ref.T).tolist(), reverse=True)[: min(k, ref.shape[0])]).mean()
+                     for gi in g])
+    return 2 * q @ g.T - r[None, :]
+
+
+@pytest.mark.parametrize("csls_k", [1, 10, 1000])
+def test_csls_search_equals_naive_csls(csls_k):
+    g, x, labels, image_ids, boxes = filled(n=120, chunks=(100, 20))
+    gen = torch.Generator().manual_seed(3)
+    q, ref = torch.randn(30, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    r = g.search(q, k=7, csls_reference=ref, csls_k=csls_k)
+    sims = naive_csls(x, q, ref, csls_k)
+    top = sims.topk(7, dim=1)
+    assert torch.equal(r.indices, top.indices)
+    torch.testing.assert_close(r.scores, top.values.float(), atol=1e-5, rtol=0)
+    assert_aligned(r, labels, image_ids, boxes)
+
+
+def test_csls_demotes_a_hub():
+    g = Gallery()
+    g.add(torch.tensor([[0.8, 0.6], [0.0, 1.0]]))  # the first item is near every query: a hub
+    q = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    assert g.search(q, k=1).indices[:, 0].tolist() == [0, 0]
+    assert g.search(q, k=1, csls_reference=q, csls_k=2).indices[:, 0].tolist() == [0, 1]
+
+
+def test_csls_pads_small_gallery_and_checks_reference():
+    g = Gallery()
+    g.add(torch.randn(3, 4))
+    r = g.search(torch.randn(2, 4), k=5, csls_reference=torch.randn(6, 4))
+    assert r.indices[:, 3:].eq(-1).all() and torch.isinf(r.scores[:, 3:]).all()
+    with pytest.raises(ShapeError, match="csls_reference"):
+        g.search(torch.randn(2, 4), k=1, csls_reference=torch.randn(6, 5))
+    with pytest.raises(InvalidArgumentError, match="csls_reference"):
+        g.search(torch.randn(2, 4), k=1, csls_reference=torch.full((2, 4), math.nan))
