@@ -84,8 +84,8 @@ __all__ = [
 ]
 
 # emoji-logos (Google / Twitter emoji on scikit-image photographs; data via `make emoji-data`).
-# Imported on first use (PEP 562), so that `python -m fewsight.data.emoji` does not find the module
-# already imported by this package (runpy's "found in sys.modules" warning).
+# Imported on first use (PEP 562): `import fewsight.data` does not load the emoji-logos package (only
+# its users need it), and `python -m fewsight.data.emoji` runs the installer warning-free.
 _EMOJI_EXPORTS = (
     "EmojiCanvas",
     "EmojiClasses",

@@ -26,7 +26,8 @@ from fewsight.data import (
     install_emoji,
     split_base_novel,
 )
-from fewsight.data.emoji import PHOTO_BANDS, SPLITS, STYLES, _photo_region, extract_emoji_tarball, main
+from fewsight.data.emoji import PHOTO_BANDS, SPLITS, STYLES, extract_emoji_tarball, main
+from fewsight.data.emoji.rendering import _photo_region
 from fewsight.errors import DataError, InvalidArgumentError
 from tests._fake_emoji import COLOURS, emoji_entry, write_emoji_install
 
