@@ -18,7 +18,14 @@ Example:
 from fewsight.eval.evaluate import evaluate_model, model_device, predict, progress_bar
 from fewsight.eval.io import atomic_write_bytes, detections_to_json, to_jsonable, write_json
 from fewsight.eval.metrics import DetectionEvaluator, evaluate_detections, normalize_predictions, normalize_targets
-from fewsight.eval.plots import draw_detections, plot_detection_grid, plot_detections, plot_fewshot, plot_precision_recall
+from fewsight.eval.plots import (
+    draw_detections,
+    plot_detection_grid,
+    plot_detections,
+    plot_fewshot,
+    plot_precision_recall,
+    plot_search_results,
+)
 
 __all__ = [
     "DetectionEvaluator",
@@ -34,6 +41,7 @@ __all__ = [
     "plot_detections",
     "plot_fewshot",
     "plot_precision_recall",
+    "plot_search_results",
     "predict",
     "progress_bar",
     "to_jsonable",

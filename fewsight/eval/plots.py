@@ -27,7 +27,14 @@ from torch import Tensor
 
 from fewsight.errors import InvalidArgumentError, ShapeError
 
-__all__ = ["draw_detections", "plot_detection_grid", "plot_detections", "plot_fewshot", "plot_precision_recall"]
+__all__ = [
+    "draw_detections",
+    "plot_detection_grid",
+    "plot_detections",
+    "plot_fewshot",
+    "plot_precision_recall",
+    "plot_search_results",
+]
 
 _PRED_COLOR = "#ff3b30"
 _GT_COLOR = "#34c759"
@@ -247,4 +254,24 @@ def plot_fewshot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_search_results(
+    query: Tensor,
+    results: Sequence[tuple[str, Tensor]],
+    path: str | Path | None = None,
+) -> Figure:
+    """A row of crops: the query, then each result with its title (e.g. ``"#1 0.93"``).
+
+    ``query`` and each result crop: ``Tensor[3, H, W]`` in [0, 1] (any sizes).
+    """
+    items = [("query", query), *results]
+    fig = Figure(figsize=(1.6 * len(items), 1.9), dpi=100)
+    FigureCanvasAgg(fig)
+    for j, (title, crop) in enumerate(items):
+        ax = fig.add_subplot(1, len(items), j + 1)
+        ax.imshow(_to_hwc(crop))
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
     return _save(fig, path)

@@ -10,6 +10,7 @@
 """
 
 from fewsight.fewshot.crop_embedder import CROP_EMBEDDER_FORMAT, CropEmbedder
+from fewsight.fewshot.digits import digits_fewshot_datasets
 from fewsight.fewshot.rescorer import CropRescorer
 from fewsight.fewshot.protocol import (
     FewShotResult,
@@ -28,6 +29,7 @@ __all__ = [
     "CropRescorer",
     "FewShotResult",
     "SupportSet",
+    "digits_fewshot_datasets",
     "enroll_from_dataset",
     "enroll_support",
     "finetune",

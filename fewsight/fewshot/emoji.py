@@ -45,14 +45,20 @@ from fewsight.eval.evaluate import evaluate_model
 from fewsight.fewshot.protocol import run_fewshot
 
 __all__ = [
+    "EMOJI_SIZE",
     "EmojiFewShotData",
     "base_support_size",
+    "check_reference",
+    "emoji_base_classes_of",
     "emoji_base_subset",
     "emoji_fewshot_datasets",
     "emoji_novel_subset",
     "evaluate_reference",
     "run_emoji_fewshot",
 ]
+
+#: Emoji side range of the benchmark's canvases, that of the base training recipe (configs/emoji_base.yaml).
+EMOJI_SIZE = (24, 64)
 
 _NOVEL_SALT = "fewshot-novel"
 _BASE_SALT = "fewshot-test-base"
@@ -80,6 +86,24 @@ def emoji_novel_subset(root: str | Path = DEFAULT_ROOT, n: int = 50, seed: int =
     catalog = emoji_classes(root)
     n = _check_count("n", n, len(catalog.novel))
     return tuple(sorted(_ranked(catalog.novel, catalog.unified, int(seed), _NOVEL_SALT)[:n]))
+
+
+def emoji_base_classes_of(classes: Sequence[str], root: str | Path = DEFAULT_ROOT) -> list[int]:
+    """Indices into ``emoji_classes(root).names`` of a base model's ``classes``, in the model's order.
+
+    Raises :class:`~fewsight.errors.InvalidArgumentError` when ``classes`` is empty or names a class
+    that is not an emoji base class (a model trained on something else).
+    """
+    catalog = emoji_classes(root)
+    index = {catalog.names[i]: i for i in catalog.base}
+    names = [str(c) for c in classes]
+    not_base = [c for c in names if c not in index]
+    if not names or not_base:
+        raise InvalidArgumentError(
+            f"model: expected a DLDENet over emoji base classes (configs/emoji_base.yaml), got one over "
+            f"{len(names)} classes, not base classes: {not_base[:5]}{'...' if len(not_base) > 5 else ''}"
+        )
+    return [index[c] for c in names]
 
 
 def emoji_base_subset(root: str | Path = DEFAULT_ROOT, n: int = 100, seed: int = 0) -> tuple[int, ...]:
@@ -132,6 +156,7 @@ class EmojiFewShotData:
     test_cross: Any
     support_style: str
     cross_style: str
+    image_size: int = 192
 
     @property
     def base_names(self) -> list[str]:
@@ -168,7 +193,7 @@ def emoji_fewshot_datasets(
     num_test: int = 300,
     num_base_support: int = 0,
     image_size: int = 192,
-    emoji_size: tuple[float, float] = (24, 64),
+    emoji_size: tuple[float, float] = EMOJI_SIZE,
     min_objects: int = 2,
     max_objects: int = 6,
     support_style: str = "google",
@@ -258,6 +283,7 @@ def emoji_fewshot_datasets(
         test_cross=tests[1],
         support_style=support_style,
         cross_style=cross_style,
+        image_size=image_size,
     )
 
 
@@ -265,6 +291,17 @@ def _mean_ap50(metrics: Mapping[str, Any], names: Sequence[str]) -> float:
     vals = [metrics["per_class"][n]["ap50"] for n in names]
     vals = [v for v in vals if v == v]  # no ground truth: no AP (nan), left out
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def check_reference(reference: nn.Module, data: EmojiFewShotData) -> list[str]:
+    """``reference.classes`` when they are the novel subset's names (any order); else InvalidArgumentError."""
+    names = [str(c) for c in getattr(reference, "classes", [])]
+    if sorted(names) != sorted(data.novel_names):
+        raise InvalidArgumentError(
+            f"reference: expected a detector over the {len(data.novel)} novel classes {data.novel_names[:5]}..., "
+            f"got {len(names)} classes {names[:5]}{'...' if len(names) > 5 else ''}"
+        )
+    return names
 
 
 def evaluate_reference(
@@ -280,12 +317,7 @@ def evaluate_reference(
     boxes only: a detection on a base object is a false positive, as it is for an enrolled class.
     Returns ``{style: {"novel_ap50", "map50", "per_class_ap50"}}``.
     """
-    names = [str(c) for c in getattr(reference, "classes", [])]
-    if sorted(names) != sorted(data.novel_names):
-        raise InvalidArgumentError(
-            f"reference: expected a detector over the {len(data.novel)} novel classes {data.novel_names[:5]}..., "
-            f"got {len(names)} classes {names[:5]}{'...' if len(names) > 5 else ''}"
-        )
+    names = check_reference(reference, data)
     lookup = {n: j for j, n in enumerate(names)}
     mapping = [lookup.get(n, -1) for n in data.classes]
     out: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,175 @@
+"""What several commands share: data-source arguments, image lists, devices, model loading, printing."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_data_source",
+    "flag_errors",
+    "image_files",
+    "load_dldenet",
+    "parse_device",
+    "print_metrics",
+    "with_crop_embedder",
+]
+
+
+def add_data_source(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """``flag`` (a dataset path or 'digits'), ``--format`` and ``--images``."""
+    parser.add_argument(flag, required=True, help=help)
+    parser.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
+                        help=f"dataset format (default: inferred from {flag})")
+    parser.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """mAP50 / mAP / mAP75 and per-class AP, one line each (``n/a`` where undefined)."""
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.4f}"
+
+    print(f"mAP50 {fmt(metrics.get('map50'))}  mAP {fmt(metrics.get('map'))}  mAP75 {fmt(metrics.get('map75'))}")
+    for name, vals in metrics.get("per_class", {}).items():
+        print(f"  {name:>12s}  AP50 {fmt(vals.get('ap50'))}  AP {fmt(vals.get('ap'))}")
+
+
+def image_files(inputs: Sequence[str]) -> list[Path]:
+    """The image files named by ``inputs`` (files, or folders whose images are listed in name order)."""
+    from fewsight.data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                raise FileNotFoundError(f"{p}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def parse_device(spec: str) -> Any:
+    """``torch.device(spec)``, refusing an unknown or unavailable device with a one-line reason."""
+    import torch
+
+    from fewsight.errors import InvalidArgumentError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InvalidArgumentError(f"--device: expected a torch device such as cpu or cuda, got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"--device: expected an available device, got {spec!r} (torch.cuda.is_available() is False)")
+    return device
+
+
+def load_dldenet(path: str) -> Any:
+    """The DLDENet (or crop-rescored DLDENet) in the detector file ``path``."""
+    from fewsight.errors import InvalidArgumentError
+    from fewsight.train import load_detector
+
+    model = load_detector(path)
+    if not hasattr(model, "enroll"):
+        raise InvalidArgumentError(f"--checkpoint: expected a DLDENet (the detector that enrolls classes), got {type(model).__name__}")
+    return model
+
+
+def with_crop_embedder(model: Any, path: str | None) -> Any:
+    """``model`` wrapped in a :class:`~fewsight.fewshot.CropRescorer` with the embedder at ``path`` (if any)."""
+    if path is None:
+        return model
+    from fewsight.fewshot import CropEmbedder, CropRescorer
+
+    return CropRescorer(model, CropEmbedder.load(path)).eval()
+
+
+def infer_format(data: Path) -> str:
+    if data.is_file():
+        suffix = data.suffix.lower()
+        if suffix == ".json":
+            return "coco"
+        if suffix == ".csv":
+            return "csv"
+        raise FileNotFoundError(f"{data}: cannot tell the dataset format from the file name; pass --format")
+    if data.is_dir():
+        if (data / "Annotations").is_dir():
+            return "voc"
+        return "yolo"
+    raise FileNotFoundError(f"{data}: no such file or folder")
+
+
+def relabel(dataset: Any, classes: list[str], source: Path) -> Any:
+    """Map a reader's own class names onto the model's (a file may hold a subset of them)."""
+    import torch
+
+    from fewsight.data import RelabeledDataset
+    from fewsight.errors import DataError
+
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        raise DataError(source, f"unknown class(es) {unknown} (the model knows {classes})")
+    lookup = torch.tensor([classes.index(c) for c in dataset.classes], dtype=torch.int64)
+    return RelabeledDataset(dataset, lookup, list(classes))
+
+
+def eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:
+    """The ``--data`` dataset labelled in the model's ``classes`` (digits: held-out test canvases)."""
+    from fewsight import data as fd
+    from fewsight.errors import InvalidArgumentError
+
+    fmt = args.format or ("digits" if args.data == "digits" else infer_format(Path(args.data)))
+    if fmt == "digits":
+        return fd.DigitsDataset("test", args.num_images, classes=classes, seed=1)
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if fmt == "coco":
+        return relabel(fd.COCODataset(path, args.images), classes, path)
+    if fmt == "csv":
+        return fd.CSVDataset(path, image_dir=args.images, classes=classes)
+    if fmt == "voc":
+        return fd.VOCDataset(path, classes=classes)
+    if fmt == "yolo":
+        image_dir = path / "images" if (path / "images").is_dir() else path
+        return fd.YOLODataset(image_dir, classes=classes)
+    raise InvalidArgumentError(f"--format: expected coco, voc, yolo, csv or digits, got {fmt!r}")
+
+
+def support_dataset(args: argparse.Namespace) -> Any:
+    """The ``--support`` dataset with its own class names (digits: training canvases)."""
+    from fewsight import data as fd
+
+    fmt = args.format or ("digits" if args.support == "digits" else infer_format(Path(args.support)))
+    if fmt == "digits":
+        return fd.DigitsDataset("train", 200, seed=100)
+    path = Path(args.support)
+    if fmt == "coco":
+        return fd.COCODataset(path, args.images)
+    if fmt == "csv":
+        return fd.CSVDataset(path, image_dir=args.images)
+    if fmt == "voc":
+        return fd.VOCDataset(path)
+    image_dir = path / "images" if (path / "images").is_dir() else path
+    return fd.YOLODataset(image_dir)
+
+
+@contextlib.contextmanager
+def flag_errors(flag: str, argument: str) -> Iterator[None]:
+    """Re-raise a library error about ``argument`` as one about the command-line ``flag``."""
+    from fewsight.errors import InvalidArgumentError
+
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        text = str(exc)
+        if text.startswith(f"{argument}:"):
+            raise InvalidArgumentError(f"{flag}:{text[len(argument) + 1:]}") from None
+        raise

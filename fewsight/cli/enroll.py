@@ -1,0 +1,63 @@
+"""``fewsight enroll``: add classes to a DLDENet from a few boxed examples, without training."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fewsight.cli.common import add_data_source, load_dldenet, support_dataset, with_crop_embedder
+
+NAME = "enroll"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="add classes to a DLDENet from a few boxed examples (no training)",
+        description="Enroll new classes into a DLDENet detector file from boxed examples, without gradient steps, "
+        "and write a detector file that detects them (use it with predict / eval). Each new class's direction is "
+        "the mean embedding of the anchors matched to its boxes.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
+    add_data_source(p, "--support", "boxed examples: a COCO .json, a CSV file, a VOC folder, a YOLO image folder, "
+                    "or 'digits'")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="support classes to enroll (default: every class the model does not know; digits: 8 9)")
+    p.add_argument("--shots", type=int, help="use K sampled examples per class (default: every box)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --shots sample (default 0)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="set each new class's bias from the support images' background (see DLDENet.enroll)")
+    p.add_argument("--rivalry", type=float, default=5.0,
+                   help="gate new classes by how much closer an object is to them than to the best trained class: "
+                        "p * sigmoid(R (cos - best trained cos)) (see DLDENet.enroll; 0: no gate; default 5)")
+    p.add_argument("--crop-embedder", metavar="FILE",
+                   help="also score the new classes on box crops with this embedder file (from `fewsight train` "
+                   "with an embedder config): the detector proposes boxes, similarity to the support crops labels "
+                   "them (fewsight.fewshot.CropRescorer; the output file holds both networks)")
+    p.add_argument("--out", required=True, help="output detector file (.pt)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewsight.errors import InvalidArgumentError
+    from fewsight.fewshot import enroll_from_dataset
+    from fewsight.train import save_detector
+
+    model = load_dldenet(args.checkpoint)
+    if args.crop_embedder is not None and hasattr(model, "embedder"):
+        raise InvalidArgumentError(f"--crop-embedder: expected a plain DLDENet --checkpoint, got {args.checkpoint}, "
+                                   "which already has a crop embedder (enroll into it without --crop-embedder)")
+    model = with_crop_embedder(model, args.crop_embedder)
+    support = support_dataset(args)
+    names = args.classes
+    if names is None and (args.format == "digits" or args.support == "digits"):
+        names = ["8", "9"]
+    before = list(model.classes)
+    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, calibrate=args.calibrate,
+                              rivalry=args.rivalry)
+    added = [model.classes[i] for i in new]
+    save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
+                                             "seed": args.seed, "rivalry": args.rivalry, "base_classes": before,
+                                             "crop_embedder": args.crop_embedder})
+    print(f"enrolled {', '.join(added)} ({'every box' if args.shots is None else f'{args.shots} per class'}); "
+          f"the model now has {len(model.classes)} classes; wrote {args.out}")
+    return 0

@@ -1,0 +1,56 @@
+"""``fewsight eval``: evaluate a detector file on a dataset (COCO mAP)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fewsight.cli.common import add_data_source, eval_dataset, print_metrics
+
+NAME = "eval"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="evaluate a trained detector on a dataset (COCO mAP)",
+        description="Evaluate a detector file (model.pt or a training checkpoint) on a dataset and print / write "
+        "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    add_data_source(p, "--data", "a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, "
+                    "or 'digits'")
+    p.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewsight.errors import DataError
+    from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
+    from fewsight.train import load_detector
+
+    model = load_detector(args.checkpoint)
+    classes = list(model.classes)
+    dataset = eval_dataset(args, classes)
+    if len(dataset) == 0:
+        raise DataError(args.data, "the dataset has no images")
+    metrics, predictions = evaluate_model(
+        model, dataset, args.batch_size, class_names=classes, progress=not args.quiet, pr_curves=bool(args.out),
+        return_predictions=True,
+    )
+    curves = metrics.pop("pr_curves", None)
+    print_metrics(metrics)
+    if args.out:
+        out = Path(args.out)
+        write_json(metrics, out / "metrics.json")
+        if curves is not None:
+            plot_precision_recall(curves, path=out / "pr_curve.png")
+        n = min(8, len(dataset))
+        samples = [dataset[i] for i in range(n)]
+        plot_detection_grid([s[0] for s in samples], predictions[:n], [s[1] for s in samples], classes,
+                            out / "detections.png")
+        print(f"wrote {out / 'metrics.json'}")
+    return 0

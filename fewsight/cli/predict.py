@@ -1,0 +1,60 @@
+"""``fewsight predict``: detect objects in images, a PNG and a JSON per image."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fewsight.cli.common import image_files
+
+NAME = "predict"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="detect objects in images (PNG + JSON per image)",
+        description="Run a detector on image files (or every image of a folder) and write OUT/<name>.png with the "
+        "boxes drawn, OUT/<name>.json and OUT/predictions.json.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections at least this score (0.3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewsight.data import load_image
+    from fewsight.eval import detections_to_json, plot_detections, predict, write_json
+    from fewsight.train import load_detector
+
+    files = image_files(args.images)
+    images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
+    model = load_detector(args.checkpoint)
+    classes = list(model.classes)
+    predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    used: set[str] = set()
+    for f, image, pred in zip(files, images, predictions):
+        keep = pred["scores"] >= args.score_threshold
+        kept = {k: v[keep] for k, v in pred.items()}
+        name = f.stem
+        k = 1
+        while name in used:
+            name = f"{f.stem}_{k}"
+            k += 1
+        used.add(name)
+        dets = detections_to_json(kept, classes)
+        plot_detections(image, kept, None, classes, out / f"{name}.png", score_threshold=args.score_threshold)
+        write_json({"image": str(f), "detections": dets}, out / f"{name}.json")
+        summary.append({"image": str(f), "output": f"{name}.png", "detections": dets})
+        print(f"{f}: {len(dets)} detection(s)")
+    write_json({"classes": classes, "score_threshold": args.score_threshold, "images": summary},
+               out / "predictions.json")
+    print(f"wrote {len(files)} image(s) to {out}")
+    return 0

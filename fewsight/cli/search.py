@@ -1,0 +1,121 @@
+"""``fewsight search``: index the objects of images, query by an example crop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fewsight.cli.common import image_files, load_dldenet
+
+NAME = "search"
+
+
+def add_parser(sub: Any) -> None:
+    se = sub.add_parser(
+        NAME,
+        help="object search: index the objects of images, query by an example crop",
+        description="Object search with a DLDENet's embeddings and a faiss index (needs fewsight[retrieval]). "
+        "`search index` detects the objects of a set of images and stores their embeddings; `search query` "
+        "finds the objects most like an example crop (or a box of an image).",
+    )
+    ssub = se.add_subparsers(dest="search", required=True, metavar="ACTION")
+    si = ssub.add_parser("index", help="build a gallery from the objects detected in images",
+                         description="Detect objects in images and write OUT/gallery.pt (faiss index + labels, "
+                         "image ids, boxes) and OUT/images.json (the image paths).")
+    si.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
+    si.add_argument("images", nargs="+", help="image files or folders")
+    si.add_argument("--out", default="runs/gallery", help="output folder (default: runs/gallery)")
+    si.add_argument("--score-threshold", type=float, default=0.3, help="index detections at least this score (0.3)")
+    si.add_argument("--batch-size", type=int, default=8)
+    sq = ssub.add_parser("query", help="find the gallery objects most like an example",
+                         description="Embed an example object (a crop, or --box of an image) and print the k most "
+                         "similar gallery objects (cosine); with --out, also OUT/results.json and OUT/results.png.")
+    sq.add_argument("--checkpoint", required=True, help="the DLDENet the gallery was built with")
+    sq.add_argument("--gallery", required=True, help="a folder from `search index` (or its gallery.pt)")
+    sq.add_argument("--image", required=True, help="the example: a crop of the object, or an image with --box")
+    sq.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="the object's box in --image")
+    sq.add_argument("--k", type=int, default=10, help="results (default 10)")
+    sq.add_argument("--out", help="folder for results.json and results.png")
+
+
+def _gallery_paths(path: str) -> tuple[Path, Path]:
+    p = Path(path)
+    folder = p if p.is_dir() or p.suffix == "" else p.parent
+    return (folder / "gallery.pt" if p.is_dir() or p.suffix == "" else p), folder / "images.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_dldenet(args.checkpoint)
+    if args.search == "index":
+        return _index(args, model)
+    return _query(args, model)
+
+
+def _index(args: argparse.Namespace, model: Any) -> int:
+    from fewsight.data import load_image
+    from fewsight.eval import write_json
+    from fewsight.retrieval import index_images
+
+    files = image_files(args.images)
+    images = [load_image(f) for f in files]
+    gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size)
+    gallery_file, images_file = _gallery_paths(args.out)
+    gallery.save(gallery_file)
+    write_json({"images": [str(f) for f in files]}, images_file)
+    print(f"indexed {len(gallery)} object(s) from {len(files)} image(s); wrote {gallery_file}")
+    return 0
+
+
+def _crop(image: Any, box: Any) -> Any:
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return image[:, max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)]
+
+
+def _query(args: argparse.Namespace, model: Any) -> int:
+    import torch
+
+    from fewsight.data import load_image
+    from fewsight.errors import DataError
+    from fewsight.eval import plot_search_results, write_json
+    from fewsight.retrieval import Gallery, embed_crop
+
+    gallery_file, images_file = _gallery_paths(args.gallery)
+    gallery = Gallery.load(gallery_file)
+    paths = json.loads(images_file.read_text())["images"] if images_file.is_file() else None
+    query_image = load_image(args.image)
+    box = torch.tensor(args.box, dtype=torch.float32) if args.box else None
+    if box is not None and not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(args.image, f"--box: expected x1 < x2 and y1 < y2, got {args.box}")
+    query = embed_crop(model, query_image, box=box)
+    if not bool(query.norm() > 0):
+        raise DataError(args.image, f"--box {args.box}: the query object matches no anchor of the detector (is the box inside the image?)")
+    if gallery.dim is not None and query.shape[0] != gallery.dim:
+        raise DataError(gallery_file, f"the gallery holds {gallery.dim}-D embeddings, the model gives {query.shape[0]}-D")
+    found = gallery.search(query[None], k=args.k)
+    rows = []
+    names = list(model.classes)
+    for rank, (i, score) in enumerate(zip(found.indices[0].tolist(), found.scores[0].tolist()), start=1):
+        if i < 0:
+            break
+        image_id = int(found.image_ids[0, rank - 1])
+        label = int(found.labels[0, rank - 1])
+        row = {"rank": rank, "score": round(score, 4), "image": paths[image_id] if paths else image_id,
+               "box": [round(v, 1) for v in found.boxes[0, rank - 1].tolist()],
+               "label": names[label] if 0 <= label < len(names) else None}
+        rows.append(row)
+        print(f"{rank:3d}  {row['score']:.4f}  {row['image']}  box {row['box']}  ({row['label']})")
+    if not rows:
+        print("the gallery is empty")
+    if args.out:
+        out = Path(args.out)
+        write_json({"query": args.image, "box": args.box, "results": rows}, out / "results.json")
+        if rows and paths:
+            cache: dict[str, Any] = {}
+            crops = [(f"#{r['rank']} {r['score']:.2f}", _crop(cache.setdefault(r["image"], load_image(r["image"])),
+                                                             r["box"])) for r in rows]
+            plot_search_results(_crop(query_image, box) if box is not None else query_image, crops,
+                                out / "results.png")
+        print(f"wrote {out / 'results.json'}")
+    return 0
