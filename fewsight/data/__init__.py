@@ -8,6 +8,10 @@
 * Readers sharing the :class:`DetectionDataset` interface: :class:`COCODataset`,
   :class:`VOCDataset`, :class:`YOLODataset`, :class:`CSVDataset`; writers :func:`write_coco`,
   :func:`write_voc`, :func:`write_yolo`, :func:`write_csv`, and :func:`export_dataset`.
+* One registry of formats (:mod:`fewsight.data.formats`): :func:`open_dataset` reads any of
+  :data:`FORMATS` (the file formats and the generated datasets) with labels mapped onto given class
+  names, :func:`infer_format` tells a path's format, :func:`get_format` returns its
+  :class:`DatasetFormat` (reader, writer, detection).
 * :func:`train_transforms` / :func:`eval_transforms` (torchvision.transforms.v2) and
   :func:`collate_detection` for ``DataLoader``.
 
@@ -43,6 +47,7 @@ from fewsight.data.digits import (
     load_mnist_digits,
 )
 from fewsight.data.export import EXPORT_FORMATS, export_dataset
+from fewsight.data.formats import FORMATS, DatasetFormat, get_format, infer_format, open_dataset
 from fewsight.data.transforms import apply_transforms, eval_transforms, train_transforms
 from fewsight.data.voc import VOC_CLASSES, VOCDataset, write_voc
 from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, read_class_names, write_yolo
@@ -52,12 +57,14 @@ __all__ = [
     "CSV_COLUMNS",
     "DIGIT_CLASSES",
     "EXPORT_FORMATS",
+    "FORMATS",
     "IMAGE_EXTENSIONS",
     "NOVEL_CLASSES",
     "ON_ERROR",
     "VOC_CLASSES",
     "COCODataset",
     "CSVDataset",
+    "DatasetFormat",
     "DetectionDataset",
     "DigitsCanvas",
     "DigitsDataset",
@@ -71,8 +78,11 @@ __all__ = [
     "digit_pools",
     "eval_transforms",
     "export_dataset",
+    "get_format",
+    "infer_format",
     "load_image",
     "load_mnist_digits",
+    "open_dataset",
     "read_class_names",
     "read_image_size",
     "save_image",

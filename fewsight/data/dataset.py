@@ -345,6 +345,35 @@ class ImageFileDataset(DetectionDataset):
             )
         return kept_at
 
+    def map_classes(self, classes: Sequence[str]) -> None:
+        """Re-express the labels against ``classes`` by name, in place; ``self.classes`` becomes ``classes``.
+
+        ``classes`` must hold every name of ``self.classes`` and may hold more (a file annotated with a
+        subset of a model's classes), so the same object keeps its skip records and image checks.
+        Raises :class:`~fewsight.errors.InvalidArgumentError` naming the names it lacks.
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from fewsight.data import CSVDataset, write_csv
+        >>> root = Path(tempfile.mkdtemp()); save_image(torch.zeros(3, 8, 8), root / "a.png")
+        >>> target = {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}
+        >>> ds = CSVDataset(write_csv(root / "a.csv", ["a.png"], [target], ["dog"]))
+        >>> ds.map_classes(["cat", "dog"])
+        >>> ds.classes, ds.get_target(0)["labels"]
+        (['cat', 'dog'], tensor([1]))
+        """
+        classes = [str(c) for c in classes]
+        if len(set(classes)) != len(classes):
+            raise InvalidArgumentError(f"classes: expected distinct names, got {classes}")
+        unknown = [c for c in self.classes if c not in classes]
+        if unknown:
+            raise InvalidArgumentError(
+                f"classes: expected every class of the dataset {self.classes}, got {classes} (missing {unknown})"
+            )
+        lookup = np.array([classes.index(c) for c in self.classes], dtype=np.int64)
+        self._labels = lookup[self._labels]
+        self.classes = classes
+
     # -- access ---------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._paths)

@@ -18,16 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fewsight.data.coco import write_coco
-from fewsight.data.csvfile import write_csv
 from fewsight.data.dataset import DetectionDataset, Target, save_image
-from fewsight.data.voc import write_voc
-from fewsight.data.yolo import write_yolo
-from fewsight.errors import check_choice
+from fewsight.data.formats import FORMATS, get_format
+from fewsight.errors import InvalidArgumentError, check_choice
 
 __all__ = ["EXPORT_FORMATS", "export_dataset"]
 
-EXPORT_FORMATS = ("coco", "voc", "yolo", "csv")
+#: The formats of :data:`~fewsight.data.formats.FORMATS` that have a writer.
+EXPORT_FORMATS: tuple[str, ...] = tuple(name for name in FORMATS if get_format(name).writer is not None)
 
 
 def export_dataset(
@@ -39,7 +37,8 @@ def export_dataset(
 ) -> Path:
     """Save the images (PNG, lossless) and annotations of ``dataset`` under ``root``.
 
-    Layouts (what to pass to the matching reader is returned):
+    Layouts (what to pass to the matching reader, or to :func:`~fewsight.data.open_dataset`, is
+    returned):
 
     * ``"coco"``: ``root/images/*.png`` + ``root/annotations.json`` (returns the JSON path; its
       ``file_name`` entries are ``images/<name>``, relative to ``root``, so ``COCODataset(path)``
@@ -52,8 +51,11 @@ def export_dataset(
     Images are the dataset's items as ``dataset[i]`` returns them (after its ``transforms``).
     """
     check_choice("fmt", fmt, EXPORT_FORMATS)
+    spec = get_format(fmt)
+    if spec.writer is None:  # pragma: no cover - EXPORT_FORMATS holds only formats with a writer
+        raise InvalidArgumentError(f"fmt: expected one of {EXPORT_FORMATS}, got {fmt!r}")
     root = Path(root)
-    image_folder = root / ("JPEGImages" if fmt == "voc" else "images")
+    image_folder = root / spec.image_folder
     idx = range(len(dataset)) if indices is None else indices
     names: list[str] = []
     sizes: list[tuple[int, int]] = []
@@ -65,13 +67,4 @@ def export_dataset(
         names.append(name)
         sizes.append((int(image.shape[-2]), int(image.shape[-1])))
         targets.append(target)
-    classes = list(dataset.classes)
-    if fmt == "coco":
-        return write_coco(root / "annotations.json", [f"images/{n}" for n in names], sizes, targets, classes)
-    if fmt == "voc":
-        write_voc(root / "Annotations", names, sizes, targets, classes)
-        return root
-    if fmt == "yolo":
-        write_yolo(root / "labels", names, sizes, targets, classes)
-        return image_folder
-    return write_csv(root / "annotations.csv", [f"images/{n}" for n in names], targets, classes)
+    return spec.writer(root, names, sizes, targets, list(dataset.classes))

@@ -75,6 +75,15 @@ def _default_label_dir(image_dir: Path) -> Path:
     return image_dir
 
 
+def _class_file(image_dir: Path, label_dir: Path) -> Path | None:
+    """The first ``classes.txt`` / ``data.yaml`` / ``dataset.yaml`` of the folders searched for names."""
+    for folder in (label_dir, label_dir.parent, image_dir.parent, image_dir.parent.parent):
+        for fname in ("classes.txt", "data.yaml", "dataset.yaml"):
+            if (folder / fname).is_file():
+                return folder / fname
+    return None
+
+
 class YOLODataset(ImageFileDataset):
     """Images of a folder with YOLO txt labels.
 
@@ -114,14 +123,8 @@ class YOLODataset(ImageFileDataset):
         elif classes is not None:
             names = [str(c) for c in classes]
         else:
-            names = None
-            for folder in (label_dir, label_dir.parent, image_dir.parent, image_dir.parent.parent):
-                for fname in ("classes.txt", "data.yaml", "dataset.yaml"):
-                    if (folder / fname).is_file():
-                        names = read_class_names(folder / fname)
-                        break
-                if names is not None:
-                    break
+            found = _class_file(image_dir, label_dir)
+            names = None if found is None else read_class_names(found)
         super().__init__(
             names or [], transforms=transforms, on_error=on_error, verify_images=verify_images, min_size=min_size
         )

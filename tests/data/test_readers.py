@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fewsight.data import (
+    EXPORT_FORMATS,
     COCODataset,
     CSVDataset,
     DigitsDataset,
@@ -67,7 +68,7 @@ def _write(fmt: str, root: Path, targets=TARGETS, classes=CLASSES):
     return lambda **kw: CSVDataset(path, **({"classes": classes} | kw))
 
 
-FORMATS = ["coco", "voc", "yolo", "csv"]
+FORMATS = list(EXPORT_FORMATS)  # every format the registry can write
 
 
 def _image_file(fmt: str, root: Path, name: str) -> Path:
