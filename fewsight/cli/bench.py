@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import flag_errors, load_dldenet, parse_device, with_crop_embedder
+from fewsight.cli.common import (
+    add_enroll_settings,
+    enroll_settings,
+    flag_errors,
+    load_dldenet,
+    parse_device,
+    with_crop_embedder,
+)
 
 NAME = "bench"
 
@@ -35,9 +42,7 @@ def add_parser(sub: Any) -> None:
     fs.add_argument("--seeds", type=int, default=5, help="support sets per k (seeds 0..N-1; default 5)")
     fs.add_argument("--modes", nargs="+", default=["enroll"], choices=("enroll", "finetune"),
                     help="enroll only, and/or enroll + fine-tune (default: enroll)")
-    fs.add_argument("--calibrate", action="store_true", help="enroll with calibrated biases (see DLDENet.enroll)")
-    fs.add_argument("--rivalry", type=float, default=5.0,
-                    help="rivalry R of the enrolled classes (see DLDENet.enroll; 0: no gate; default 5)")
+    add_enroll_settings(fs)
     fs.add_argument("--crop-embedder", metavar="FILE",
                     help="score the enrolled classes on box crops with this embedder file (fewsight.fewshot."
                     "CropRescorer): the detector proposes boxes, crop similarity to each class's support crops ranks them")
@@ -129,7 +134,7 @@ def _fewshot_digits(args: argparse.Namespace) -> int:
     result = run_fewshot(
         model, support_dataset=support, test_dataset=test, novel_classes=novel, shots=args.shots,
         seeds=range(args.seeds), modes=args.modes, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-        batch_size=args.batch_size, calibrate=args.calibrate, rivalry=args.rivalry, progress=not args.quiet, log=print,
+        batch_size=args.batch_size, settings=enroll_settings(args), progress=not args.quiet, log=print,
     )
     out = Path(args.out)
     payload = {"data": args.data, "checkpoint": str(args.checkpoint), "novel": [test.classes[c] for c in novel],
@@ -193,7 +198,7 @@ def _fewshot_emoji(args: argparse.Namespace) -> int:
     result = run_emoji_fewshot(
         model, data, reference=reference, shots=args.shots, seeds=range(args.seeds), modes=args.modes,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-        calibrate=args.calibrate, rivalry=args.rivalry, progress=not args.quiet, log=print,
+        settings=enroll_settings(args), progress=not args.quiet, log=print,
     )
     out = Path(args.out)
     ref = None if result["reference"] is None else {"checkpoint": str(args.reference), **result["reference"]}

@@ -10,6 +10,8 @@ from typing import Any
 
 __all__ = [
     "add_data_source",
+    "add_enroll_settings",
+    "enroll_settings",
     "flag_errors",
     "image_files",
     "load_dldenet",
@@ -173,3 +175,24 @@ def flag_errors(flag: str, argument: str) -> Iterator[None]:
         if text.startswith(f"{argument}:"):
             raise InvalidArgumentError(f"{flag}:{text[len(argument) + 1:]}") from None
         raise
+
+
+def add_enroll_settings(parser: argparse.ArgumentParser) -> None:
+    """``--calibrate / --no-calibrate`` and ``--rivalry``, defaults from :class:`~fewsight.fewshot.EnrollSettings`."""
+    from fewsight.fewshot import EnrollSettings
+
+    default = EnrollSettings()
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=default.calibrate,
+                        help="calibrate each new class's score on the support images' background "
+                        f"(fewsight.fewshot.EnrollSettings; default: {'on' if default.calibrate else 'off'})")
+    parser.add_argument("--rivalry", type=float, default=default.rivalry, metavar="R",
+                        help="gate a new class by how much closer an object is to it than to the best trained class: "
+                        f"p * sigmoid(R (cos - best trained cos)); 0: no gate (default {default.rivalry:g})")
+
+
+def enroll_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~fewsight.fewshot.EnrollSettings` of the parsed flags (a bad value names its flag)."""
+    from fewsight.fewshot import EnrollSettings
+
+    with flag_errors("--rivalry", "rivalry"):
+        return EnrollSettings(calibrate=args.calibrate, rivalry=args.rivalry)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fewsight.cli.common import add_data_source, load_dldenet, support_dataset, with_crop_embedder
+from fewsight.cli.common import (
+    add_data_source,
+    add_enroll_settings,
+    enroll_settings,
+    load_dldenet,
+    support_dataset,
+    with_crop_embedder,
+)
 
 NAME = "enroll"
 
@@ -25,11 +32,7 @@ def add_parser(sub: Any) -> None:
                    help="support classes to enroll (default: every class the model does not know; digits: 8 9)")
     p.add_argument("--shots", type=int, help="use K sampled examples per class (default: every box)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --shots sample (default 0)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="set each new class's bias from the support images' background (see DLDENet.enroll)")
-    p.add_argument("--rivalry", type=float, default=5.0,
-                   help="gate new classes by how much closer an object is to them than to the best trained class: "
-                        "p * sigmoid(R (cos - best trained cos)) (see DLDENet.enroll; 0: no gate; default 5)")
+    add_enroll_settings(p)
     p.add_argument("--crop-embedder", metavar="FILE",
                    help="also score the new classes on box crops with this embedder file (from `fewsight train` "
                    "with an embedder config): the detector proposes boxes, similarity to the support crops labels "
@@ -52,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
     if names is None and (args.format == "digits" or args.support == "digits"):
         names = ["8", "9"]
     before = list(model.classes)
-    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, calibrate=args.calibrate,
-                              rivalry=args.rivalry)
+    settings = enroll_settings(args)
+    new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, settings=settings)
     added = [model.classes[i] for i in new]
     save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
-                                             "seed": args.seed, "rivalry": args.rivalry, "base_classes": before,
+                                             "seed": args.seed, "calibrate": settings.calibrate,
+                                             "rivalry": settings.rivalry, "base_classes": before,
                                              "crop_embedder": args.crop_embedder})
     print(f"enrolled {', '.join(added)} ({'every box' if args.shots is None else f'{args.shots} per class'}); "
           f"the model now has {len(model.classes)} classes; wrote {args.out}")

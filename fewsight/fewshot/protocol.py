@@ -28,23 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fewsight.data.dataset import RelabeledDataset
+from fewsight.data import RelabeledDataset
 from fewsight.errors import InvalidArgumentError
-from fewsight.eval.evaluate import evaluate_model, model_device
+from fewsight.eval import evaluate_model
+from fewsight.fewshot.enroll import EnrollSettings, enroll_support
+from fewsight.fewshot.finetune import finetune
+from fewsight.fewshot.support import sample_support
 
-__all__ = [
-    "FewShotResult",
-    "SupportSet",
-    "enroll_from_dataset",
-    "enroll_support",
-    "finetune",
-    "mean_interval",
-    "run_fewshot",
-    "sample_support",
-]
+__all__ = ["MODES", "FewShotResult", "mean_interval", "run_fewshot"]
 
 MODES = ("enroll", "finetune")
 
@@ -73,134 +66,6 @@ def _t95(df: int) -> float:
     z = 1.959964
     return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-
-
-@dataclass
-class SupportSet:
-    """``k`` instances per class: dataset ``indices``, their ``targets`` (labels index ``classes``, -1 = unused box)."""
-
-    indices: list[int]
-    targets: list[dict[str, Tensor]]
-    classes: list[int]
-    k: int
-
-    def images(self, dataset: Any) -> list[Tensor]:
-        return [dataset[i][0] for i in self.indices]
-
-
-def sample_support(dataset: Any, classes: Sequence[int], k: int, seed: int) -> SupportSet:
-    """Draw ``k`` annotated instances of each of ``classes`` (indices into ``dataset.classes``).
-
-    Images are visited in the order of a permutation seeded by ``seed``; an image is used when it
-    holds an instance of a class that still needs some, and every instance of such a class in it is
-    taken up to ``k``. The returned targets relabel taken boxes to their position in ``classes``;
-    the image's other boxes keep label ``-1`` (unknown: ignored by training and enrollment).
-
-    Raises:
-        InvalidArgumentError: ``k < 1``, or the dataset has fewer than ``k`` instances of a class.
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidArgumentError(f"k: expected an int >= 1, got {k!r}")
-    classes = [int(c) for c in classes]
-    need = {c: k for c in classes}
-    lookup = {c: j for j, c in enumerate(classes)}
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    indices: list[int] = []
-    targets: list[dict[str, Tensor]] = []
-    get_target = getattr(dataset, "get_target", None)
-    for i in order.tolist():
-        if not any(need.values()):
-            break
-        target = get_target(i) if callable(get_target) else dataset[i][1]
-        labels = target["labels"].tolist()
-        new = torch.full((len(labels),), -1, dtype=torch.long)
-        for b, lab in enumerate(labels):
-            if need.get(lab, 0) > 0:
-                need[lab] -= 1
-                new[b] = lookup[lab]
-        if (new >= 0).any():
-            indices.append(i)
-            targets.append({"boxes": target["boxes"].clone(), "labels": new})
-    short = {c: k - n for c, n in need.items() if n > 0}
-    if short:
-        raise InvalidArgumentError(
-            f"k: expected at least {k} instances of every class in the support dataset, found only {short} (class: count)"
-        )
-    return SupportSet(indices, targets, classes, k)
-
-
-def enroll_support(model: nn.Module, images: Sequence[Tensor], support: SupportSet, names: Sequence[str],
-                   *, batch_size: int = 8, calibrate: bool = False, rivalry: float = 0.0) -> list[int]:
-    """``model.enroll`` with the support images and targets (on the model's device); returns the new indices."""
-    device = model_device(model)
-    images = [im.to(device) for im in images]
-    targets = [{key: v.to(device) for key, v in t.items()} for t in support.targets]
-    return model.enroll(images, targets, list(names), batch_size=batch_size, calibrate=calibrate, rivalry=rivalry)
-
-
-def finetune(
-    model: nn.Module,
-    images: Sequence[Tensor],
-    targets: Sequence[Mapping[str, Tensor]],
-    *,
-    steps: int = 50,
-    lr: float = 1e-4,
-    batch_size: int = 8,
-    trainable: str = "head",
-    seed: int = 0,
-) -> list[float]:
-    """A few AdamW steps of the detector's own loss on a (balanced) support set; returns the loss per step.
-
-    ``trainable="head"`` trains the head and the class parameters (directions when learned, ``w``, ``b``)
-    with the backbone and FPN frozen (the few-shot fine-tuning of TFA); ``"all"`` trains everything.
-    Normalisation layers stay in eval mode (a handful of images must not move BatchNorm statistics) and
-    DLDENet's tracked means are not updated. Labels index the model's classes (``-1``: unknown box, ignored).
-    """
-    if trainable not in ("head", "all"):
-        raise InvalidArgumentError(f"trainable: expected 'head' or 'all', got {trainable!r}")
-    if steps < 0:
-        raise InvalidArgumentError(f"steps: expected an int >= 0, got {steps!r}")
-    if steps == 0 or not images:
-        return []
-    device = model_device(model)
-    frozen = () if trainable == "all" else tuple(m for m in (getattr(model, "backbone", None),) if m is not None)
-    frozen_params = {id(p) for m in frozen for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
-    restore_grad = [p for m in frozen for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    # Tracked means stay where enrollment put them: an EMA over a handful of images chasing a head that
-    # Adam is moving makes the loss climb again after a few steps.
-    means_update = getattr(model, "means_update", None)
-    if means_update is not None:
-        model.means_update = "none"
-    for p in restore_grad:  # no backward through the frozen part
-        p.requires_grad_(False)
-    model.train()
-    for m in model.modules():  # frozen statistics
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or m in frozen:
-            m.eval()
-    losses: list[float] = []
-    try:
-        for _ in range(steps):
-            pick = torch.randperm(len(images), generator=gen)[:batch_size].tolist()
-            batch = [images[i].to(device) for i in pick]
-            batch_targets = [{key: v.to(device) for key, v in targets[i].items()} for i in pick]
-            loss_dict = model(batch, batch_targets)
-            loss = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
-        optimizer.zero_grad(set_to_none=True)
-        for p in restore_grad:
-            p.requires_grad_(True)
-        if means_update is not None:
-            model.means_update = means_update
-    return losses
 
 
 @dataclass
@@ -248,8 +113,7 @@ def run_fewshot(
     finetune_steps: int = 50,
     finetune_lr: float = 1e-4,
     batch_size: int = 8,
-    calibrate: bool = False,
-    rivalry: float = 0.0,
+    settings: EnrollSettings | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FewShotResult:
@@ -261,8 +125,7 @@ def run_fewshot(
             classes named as the model's; ``novel_classes`` index that list.
         shots, seeds, modes: the grid (``modes`` from ``"enroll"``, ``"finetune"``).
         finetune_steps, finetune_lr: :func:`finetune` settings of ``"finetune"`` mode.
-        calibrate: enroll with calibrated biases (``DLDENet.enroll(calibrate=True)``).
-        rivalry: the novel classes' rivalry (``DLDENet.enroll(rivalry=...)``; 0: plain cosine scores).
+        settings: enrollment settings (default :class:`~fewsight.fewshot.EnrollSettings`).
     """
     for mode in modes:
         if mode not in MODES:
@@ -315,8 +178,7 @@ def run_fewshot(
             balanced = None
             for mode in modes:
                 run_model = copy.deepcopy(model)
-                enroll_support(run_model, images, support, novel_names, batch_size=batch_size, calibrate=calibrate,
-                               rivalry=rivalry)
+                enroll_support(run_model, images, support, novel_names, settings)
                 steps = 0
                 if mode == "finetune":
                     if balanced is None:
@@ -340,51 +202,3 @@ def run_fewshot(
     return result
 
 
-def enroll_from_dataset(
-    model: nn.Module,
-    dataset: Any,
-    names: Sequence[str] | None = None,
-    *,
-    k: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    calibrate: bool = False,
-    rivalry: float = 0.0,
-) -> list[int]:
-    """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes (``calibrate``, ``rivalry``: see
-    ``DLDENet.enroll``).
-
-    ``names``: the dataset classes to enroll (default: every dataset class the model does not know).
-    ``k``: use ``k`` sampled instances per class (:func:`sample_support` with ``seed``); default: every
-    box of those classes. Boxes of other classes are ignored. Returns the new class indices.
-
-    Raises:
-        InvalidArgumentError: a name the dataset does not have, or one the model already knows.
-    """
-    classes = list(dataset.classes)
-    known = set(model.classes)
-    names = [c for c in classes if c not in known] if names is None else [str(n) for n in names]
-    if not names:
-        raise InvalidArgumentError(
-            f"names: expected classes to enroll, but the model already knows every dataset class {classes}"
-        )
-    absent = [n for n in names if n not in classes]
-    if absent:
-        raise InvalidArgumentError(f"names: expected classes of the support dataset {classes}, got {absent}")
-    wanted = [classes.index(n) for n in names]
-    if k is not None:
-        support = sample_support(dataset, wanted, k, seed)
-    else:
-        lookup = torch.full((len(classes),), -1, dtype=torch.long)
-        lookup[wanted] = torch.arange(len(wanted))
-        indices, targets = [], []
-        get_target = getattr(dataset, "get_target", None)
-        for i in range(len(dataset)):
-            t = get_target(i) if callable(get_target) else dataset[i][1]
-            labels = lookup[t["labels"]]
-            if (labels >= 0).any():
-                indices.append(i)
-                targets.append({"boxes": t["boxes"], "labels": labels})
-        support = SupportSet(indices, targets, wanted, 0)
-    return enroll_support(model, support.images(dataset), support, names, batch_size=batch_size, calibrate=calibrate,
-                          rivalry=rivalry)

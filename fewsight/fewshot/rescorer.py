@@ -16,8 +16,7 @@ support boxes, and is detected as:
   cosine within a class, so AP is that of ranking by crop similarity.
 
 The detector's score is not used for the enrolled classes: it is a base-class score, low on objects of
-new classes, and weighting by it lowered novel AP50 from 0.72 to 0.36 in the emoji cross-style
-measurement (docs/results.md).
+new classes.
 
 Example:
     >>> import torch
@@ -74,7 +73,7 @@ class CropRescorer(nn.Module):
             candidate selection (module docstring).
 
     Training-mode calls (``model(images, targets)``) go to the detector, with the boxes of enrolled
-    classes as unknown (``-1``), so :func:`fewsight.eval.finetune` trains its base classes only.
+    classes as unknown (``-1``), so :func:`fewsight.fewshot.finetune` trains its base classes only.
     """
 
     def __init__(
@@ -144,13 +143,11 @@ class CropRescorer(nn.Module):
 
     @torch.no_grad()
     def enroll(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], names: Sequence[str],
-               **kwargs: Any) -> list[int]:
+               *, calibrate: bool = True) -> list[int]:
         """Enroll new classes: each gets the mean crop embedding of its support boxes (labels index
-        ``names``; ``-1``: ignored) and a score calibrated (module docstring) on the support images' other
-        candidates. The detector is not changed: its own enrollment options (``kwargs``: ``calibrate``,
-        ``rivalry``, ``batch_size`` of ``DLDENet.enroll``) are accepted and do not apply. Enrolling into the
-        detector too made its proposals depend on the support draw (one draw of the emoji benchmark
-        filled the proposal slots with one new class's background boxes: same-style AP50 0.30).
+        ``names``; ``-1``: ignored). ``calibrate``: place each class's score on the support images' other
+        candidates (module docstring); without it the score is ``sigmoid(cos)``. The detector is not
+        changed, so its proposals never depend on the support draw.
 
         Returns the new classes' label indices.
         """
@@ -179,16 +176,20 @@ class CropRescorer(nn.Module):
             protos = F.normalize(sums, dim=1)
             pos = (emb * protos[lab]).sum(1)
             pos_mean = pos.new_zeros(len(names)).index_add_(0, lab, pos) / torch.bincount(lab, minlength=len(names))
-            # Negatives: the support images' strongest candidates that are not a support box of the class
-            # (the ones that compete at test time; a few per image keep enrollment cheap).
-            cand_boxes, cand_image = self._proposals(images, limit=CALIBRATION_CANDIDATES)[2:]
-            neg_mean = self._negative_means(cand_boxes, cand_image, protos, images, boxes, lab)
+            if calibrate:
+                # Negatives: the support images' strongest candidates that are not a support box of the class
+                # (the ones that compete at test time; a few per image keep enrollment cheap).
+                cand_boxes, cand_image = self._proposals(images, limit=CALIBRATION_CANDIDATES)[2:]
+                neg_mean = self._negative_means(cand_boxes, cand_image, protos, images, boxes, lab)
         finally:
             self.train(was_training)
-        gap = (pos_mean - neg_mean).clamp(min=0.1)
+        if calibrate:
+            threshold, scale = (pos_mean + neg_mean) / 2, 4.0 / (pos_mean - neg_mean).clamp(min=0.1)
+        else:
+            threshold, scale = torch.zeros_like(pos_mean), torch.ones_like(pos_mean)
         self.prototypes = torch.cat([self.prototypes, protos.to(self.prototypes.dtype)])
-        self.thresholds = torch.cat([self.thresholds, ((pos_mean + neg_mean) / 2).to(self.thresholds.dtype)])
-        self.scales = torch.cat([self.scales, (4.0 / gap).to(self.scales.dtype)])
+        self.thresholds = torch.cat([self.thresholds, threshold.to(self.thresholds.dtype)])
+        self.scales = torch.cat([self.scales, scale.to(self.scales.dtype)])
         start = len(self.classes)
         self.enrolled.extend(names)
         return list(range(start, start + len(names)))
