@@ -37,6 +37,7 @@ from typing import Any
 from fewsight.data.coco import COCODataset, write_coco
 from fewsight.data.csvfile import CSVDataset, write_csv
 from fewsight.data.dataset import DetectionDataset, ImageFileDataset, Target
+from fewsight.data.digits import DigitsDataset
 from fewsight.data.voc import VOCDataset, write_voc
 from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, _class_file, _default_label_dir, write_yolo
 from fewsight.errors import DataError, InvalidArgumentError
@@ -140,15 +141,13 @@ def _read_yolo(path: Path | None, images: Path | None, classes: Any, options: di
 
 
 def _read_digits(path: Path | None, images: Path | None, classes: Any, options: dict[str, Any]) -> Any:
-    from fewsight.data.digits import DigitsDataset
-
     if path is not None and str(path) != "digits":
         raise InvalidArgumentError(f"path: expected 'digits' or None with format 'digits', got {str(path)!r}")
     return DigitsDataset(classes=classes, **options)
 
 
 def _read_emoji(path: Path | None, images: Path | None, classes: Any, options: dict[str, Any]) -> Any:
-    from fewsight.data.emoji import DEFAULT_ROOT, EmojiLogosDataset
+    from fewsight.data.emoji import DEFAULT_ROOT, EmojiLogosDataset  # on use: `import fewsight.data` stays emoji-free
 
     root = DEFAULT_ROOT if path is None or (str(path) == "emoji" and not path.exists()) else path
     return EmojiLogosDataset(root, classes="all" if classes is None else classes, **options)
