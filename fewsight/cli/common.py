@@ -24,8 +24,9 @@ __all__ = [
 def add_data_source(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     """``flag`` (a dataset path or 'digits'), ``--format`` and ``--images``."""
     parser.add_argument(flag, required=True, help=help)
-    parser.add_argument("--format", choices=("coco", "voc", "yolo", "csv", "digits"),
-                        help=f"dataset format (default: inferred from {flag})")
+    from fewsight.data import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, help=f"dataset format (default: inferred from {flag})")
     parser.add_argument("--images", help="image folder for COCO / CSV (default: relative to the annotation file)")
 
 
@@ -93,74 +94,27 @@ def with_crop_embedder(model: Any, path: str | None) -> Any:
     return CropRescorer(model, CropEmbedder.load(path)).eval()
 
 
-def infer_format(data: Path) -> str:
-    if data.is_file():
-        suffix = data.suffix.lower()
-        if suffix == ".json":
-            return "coco"
-        if suffix == ".csv":
-            return "csv"
-        raise FileNotFoundError(f"{data}: cannot tell the dataset format from the file name; pass --format")
-    if data.is_dir():
-        if (data / "Annotations").is_dir():
-            return "voc"
-        return "yolo"
-    raise FileNotFoundError(f"{data}: no such file or folder")
-
-
-def relabel(dataset: Any, classes: list[str], source: Path) -> Any:
-    """Map a reader's own class names onto the model's (a file may hold a subset of them)."""
-    import torch
-
-    from fewsight.data import RelabeledDataset
-    from fewsight.errors import DataError
-
-    unknown = [c for c in dataset.classes if c not in classes]
-    if unknown:
-        raise DataError(source, f"unknown class(es) {unknown} (the model knows {classes})")
-    lookup = torch.tensor([classes.index(c) for c in dataset.classes], dtype=torch.int64)
-    return RelabeledDataset(dataset, lookup, list(classes))
-
-
 def eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:
     """The ``--data`` dataset labelled in the model's ``classes`` (digits: held-out test canvases)."""
-    from fewsight import data as fd
-    from fewsight.errors import InvalidArgumentError
+    from fewsight.data import open_dataset
+    from fewsight.fewshot.digits import TEST_SEED
 
-    fmt = args.format or ("digits" if args.data == "digits" else infer_format(Path(args.data)))
-    if fmt == "digits":
-        return fd.DigitsDataset("test", args.num_images, classes=classes, seed=1)
-    path = Path(args.data)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if fmt == "coco":
-        return relabel(fd.COCODataset(path, args.images), classes, path)
-    if fmt == "csv":
-        return fd.CSVDataset(path, image_dir=args.images, classes=classes)
-    if fmt == "voc":
-        return fd.VOCDataset(path, classes=classes)
-    if fmt == "yolo":
-        image_dir = path / "images" if (path / "images").is_dir() else path
-        return fd.YOLODataset(image_dir, classes=classes)
-    raise InvalidArgumentError(f"--format: expected coco, voc, yolo, csv or digits, got {fmt!r}")
+    with flag_errors("--images", "images"), flag_errors("--format", "format"):
+        if (args.format or args.data) == "digits":
+            return open_dataset(None, "digits", classes=classes, split="test", num_images=args.num_images,
+                                seed=TEST_SEED)
+        return open_dataset(args.data, args.format, classes=classes, images=args.images)
 
 
 def support_dataset(args: argparse.Namespace) -> Any:
-    """The ``--support`` dataset with its own class names (digits: training canvases)."""
-    from fewsight import data as fd
+    """The ``--support`` dataset with its own class names (digits: the few-shot support canvases)."""
+    from fewsight.data import open_dataset
+    from fewsight.fewshot import digits_fewshot_datasets
 
-    fmt = args.format or ("digits" if args.support == "digits" else infer_format(Path(args.support)))
-    if fmt == "digits":
-        return fd.DigitsDataset("train", 200, seed=100)
-    path = Path(args.support)
-    if fmt == "coco":
-        return fd.COCODataset(path, args.images)
-    if fmt == "csv":
-        return fd.CSVDataset(path, image_dir=args.images)
-    if fmt == "voc":
-        return fd.VOCDataset(path)
-    image_dir = path / "images" if (path / "images").is_dir() else path
-    return fd.YOLODataset(image_dir)
+    if (args.format or args.support) == "digits":
+        return digits_fewshot_datasets(num_test=1)[0]
+    with flag_errors("--images", "images"), flag_errors("--format", "format"):
+        return open_dataset(args.support, args.format, images=args.images)
 
 
 @contextlib.contextmanager
