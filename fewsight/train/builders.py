@@ -37,15 +37,6 @@ __all__ = [
     "set_model_spec",
 ]
 
-_DATASET_CLASSES = {
-    "digits": "DigitsDataset",
-    "emoji": "EmojiLogosDataset",
-    "coco": "COCODataset",
-    "voc": "VOCDataset",
-    "yolo": "YOLODataset",
-    "csv": "CSVDataset",
-}
-
 #: config name -> class name in :mod:`fewsight.models`.
 MODEL_CLASSES = {"dldenet": "DLDENet", "retinanet": "RetinaNet", "ssd": "SSD"}
 
@@ -53,11 +44,12 @@ _SPEC_ATTR = "_fewsight_spec"
 
 
 def dataset_class(kind: str) -> type:
-    """The dataset class of a config ``type`` (``"digits"``, ``"coco"``, ...)."""
-    if kind not in _DATASET_CLASSES:
-        raise ConfigError(f"type: expected one of {list(_DATASET_CLASSES)}, got {kind!r}")
-    module = importlib.import_module("fewsight.data")
-    return getattr(module, _DATASET_CLASSES[kind])
+    """The dataset class of a config ``type`` (a name of :data:`fewsight.data.FORMATS`)."""
+    from fewsight.data import FORMATS, get_format
+
+    if kind not in FORMATS:
+        raise ConfigError(f"type: expected one of {list(FORMATS)}, got {kind!r}")
+    return get_format(kind).dataset_class
 
 
 def model_class(name: str, *, required: bool = True) -> type | None:
