@@ -6,8 +6,9 @@ from fewsight.losses.center import CenterLoss
 from fewsight.losses.circle import CircleLoss, ClassCircleLoss
 from fewsight.losses.margin import ArcFaceLoss, CosFaceLoss
 from fewsight.losses.triplet import TripletLoss
-from fewsight.losses.focal import FocalLoss
-from fewsight.losses.multibox import MultiBoxLoss
+from fewsight.losses.focal import FocalLoss, check_focal_options
+from fewsight.losses.multibox import MultiBoxLoss, check_multibox_options
+from fewsight.losses.directional import DirectionalFocalLoss, DispersionLoss
 
 __all__: list[str] = [
     "functional",
@@ -21,4 +22,8 @@ __all__: list[str] = [
     "ClassCircleLoss",
     "FocalLoss",
     "MultiBoxLoss",
+    "DirectionalFocalLoss",
+    "DispersionLoss",
+    "check_focal_options",
+    "check_multibox_options",
 ]

@@ -18,8 +18,8 @@ targets, or for the detection form the ``Long[B, A]`` labels) are kept for backw
 the five or six ``[B, A, C]`` intermediates an autograd composition holds. The detection form
 never builds a one-hot tensor (the one positive entry per anchor is patched on a gathered
 vector) and works through row chunks with in-place ops, so its temporaries stay small. A fused
-variant (:class:`_FocalSumWithGrad`, used by :func:`fewsight.models.detector.detection_focal_loss`)
-computes the summed loss and its gradient in the same chunked pass. Everything is
+variant (``focal_loss_detection(..., fused=True)``, for training) computes the summed loss and its
+gradient in the same chunked pass. Everything is
 computed from ``softplus``/``sigmoid`` of the logits (never the log of a clamped probability), so
 logits of +-100 give exact, finite values; fp16/bf16 logits are computed in float32 and the loss
 is returned in float32.
@@ -39,10 +39,21 @@ from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_
 from fewsight.geometry.matching import BACKGROUND, IGNORE
 from fewsight.losses._common import check_reduction, compute_dtype, reduce_loss
 
-__all__ = ["FocalLoss", "anchor_labels", "focal_loss", "focal_loss_detection"]
+__all__ = ["FocalLoss", "anchor_labels", "check_focal_options", "focal_loss", "focal_loss_detection"]
 
 
-def _check_alpha_gamma(alpha: float | None, gamma: float) -> float | None:
+def check_focal_options(alpha: float | None, gamma: float) -> float | None:
+    """Validate focal-loss options; returns ``alpha`` as a float, or ``None`` when the weighting is off.
+
+    ``alpha`` in ``[0, 1]``, or ``None`` / ``-1`` (torchvision's spelling) to disable it; ``gamma >= 0``.
+    For modules that store these options and must reject bad ones at construction.
+
+    Raises:
+        InvalidArgumentError: either value out of range.
+
+    >>> check_focal_options(-1, 2.0) is None, check_focal_options(0.25, 0)
+    (True, 0.25)
+    """
     if alpha is not None and alpha != -1 and not 0.0 <= float(alpha) <= 1.0:
         raise InvalidArgumentError(f"alpha: expected a float in [0, 1], or None / -1 to disable, got {alpha!r}")
     if not float(gamma) >= 0.0:  # also rejects NaN
@@ -336,7 +347,7 @@ def focal_loss(
         >>> round(focal_loss(logits, targets, reduction="sum").item(), 4)
         0.3006
     """
-    alpha = _check_alpha_gamma(alpha, gamma)
+    alpha = check_focal_options(alpha, gamma)
     check_reduction(reduction)
     if not isinstance(logits, Tensor):
         raise DTypeError(f"logits: expected a floating torch.Tensor, got {type(logits).__name__}")
@@ -385,6 +396,8 @@ def focal_loss_detection(
     alpha: float | None = 0.25,
     gamma: float = 2.0,
     reduction: str = "mean",
+    *,
+    fused: bool = False,
 ) -> Tensor:
     """RetinaNet classification loss over a batch of anchors (Lin et al. 2017, Sec. 3.3 / 5.1).
 
@@ -399,6 +412,10 @@ def focal_loss_detection(
         reduction: ``"mean"`` -- the sum divided by the number of positive anchors of the whole
             batch (at least 1; so a batch without objects gives the plain sum over its background
             anchors), ``"sum"``, or ``"none"`` (``Tensor[B, A, C]``, zero at ignored anchors).
+        fused: when a gradient is needed (``"mean"`` / ``"sum"``), compute value and gradient in one
+            chunked pass and hold the ``Tensor[B, A, C]`` gradient until backward: less elementwise
+            work for a loss that is always differentiated (training). Same value; without a gradient
+            it changes nothing.
 
     Raises:
         LabelError: a label ``>= C``.
@@ -409,7 +426,7 @@ def focal_loss_detection(
         >>> round(focal_loss_detection(logits, labels).item(), 4)
         0.9687
     """
-    alpha = _check_alpha_gamma(alpha, gamma)
+    alpha = check_focal_options(alpha, gamma)
     check_reduction(reduction)
     check_ndim("logits", logits, 3, "Tensor[B, A, C]")
     check_floating("logits", logits)
@@ -418,6 +435,9 @@ def focal_loss_detection(
         raise ShapeError(f"labels: expected Long[{logits.shape[0]}, {logits.shape[1]}] (logits' B, A), got {tuple(labels.shape)}")
     check_labels("labels", labels, logits.shape[-1])
     labels = labels.to(device=logits.device, dtype=torch.long)
+    if fused and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad and logits.numel() > 0:
+        total = _FocalSumWithGrad.apply(logits, labels, alpha, float(gamma))
+        return total if reduction == "sum" else total / (labels >= 0).sum().clamp(min=1).to(total.dtype)
     valid = labels >= BACKGROUND
     if reduction == "none":
         return _LabelFocal.apply(logits, labels, valid, alpha, float(gamma), False)
@@ -441,7 +461,7 @@ class FocalLoss(nn.Module):
 
     def __init__(self, alpha: float | None = 0.25, gamma: float = 2.0, reduction: str = "mean") -> None:
         super().__init__()
-        self.alpha = _check_alpha_gamma(alpha, gamma)
+        self.alpha = check_focal_options(alpha, gamma)
         self.gamma = float(gamma)
         self.reduction = check_reduction(reduction)
 

@@ -8,6 +8,15 @@ from fewsight.losses.triplet import triplet_loss
 from fewsight.losses.box import box_regression_loss, giou_loss, l1_loss, smooth_l1_loss
 from fewsight.losses.focal import focal_loss, focal_loss_detection
 from fewsight.losses.multibox import multibox_loss
+from fewsight.losses.directional import (
+    directional_focal_loss,
+    directional_log_probs,
+    directional_probabilities,
+    dispersion_loss,
+    focal_loss_from_log_probs,
+    log1mexp,
+    rival_log_gate,
+)
 
 __all__ = [
     "ccs_loss",
@@ -27,4 +36,11 @@ __all__ = [
     "l1_loss",
     "giou_loss",
     "box_regression_loss",
+    "directional_log_probs",
+    "directional_probabilities",
+    "directional_focal_loss",
+    "focal_loss_from_log_probs",
+    "dispersion_loss",
+    "rival_log_gate",
+    "log1mexp",
 ]

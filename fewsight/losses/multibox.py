@@ -29,12 +29,22 @@ from fewsight.geometry.matching import BACKGROUND, match
 from fewsight.geometry.targets import pad_targets
 from fewsight.losses._common import check_reduction, compute_dtype, reduce_loss
 
-__all__ = ["MultiBoxLoss", "hard_negative_mask", "multibox_loss"]
+__all__ = ["MultiBoxLoss", "check_multibox_options", "hard_negative_mask", "multibox_loss"]
 
 Targets = Sequence[Mapping[str, Tensor]] | Tensor
 
 
-def _check_options(iou_threshold: float, neg_pos_ratio: float, alpha: float, min_negatives: int, beta: float) -> None:
+def check_multibox_options(iou_threshold: float, neg_pos_ratio: float, alpha: float, min_negatives: int, beta: float) -> None:
+    """Validate MultiBox options (for modules that store them and must reject bad ones at construction).
+
+    ``iou_threshold`` in ``(0, 1]``, ``neg_pos_ratio >= 0``, ``alpha`` in ``[0, 2]``, ``min_negatives`` an
+    int ``>= 0``, ``beta >= 0``.
+
+    Raises:
+        InvalidArgumentError: the first value out of range.
+
+    >>> check_multibox_options(0.5, 3.0, 1.0, 0, 1.0)
+    """
     if not 0.0 < float(iou_threshold) <= 1.0:
         raise InvalidArgumentError(f"iou_threshold: expected a float in (0, 1], got {iou_threshold!r}")
     if not float(neg_pos_ratio) >= 0.0:
@@ -174,7 +184,7 @@ def multibox_loss(
         >>> sorted(out), out["loss"] > 0
         (['loss', 'loss_cls', 'loss_loc'], tensor(True))
     """
-    _check_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, beta)
+    check_multibox_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, beta)
     check_reduction(reduction)
     check_ndim("cls_logits", cls_logits, 3, "Tensor[B, A, C + 1]")
     check_floating("cls_logits", cls_logits)
@@ -294,7 +304,7 @@ class MultiBoxLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        _check_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, beta)
+        check_multibox_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, beta)
         self.iou_threshold = float(iou_threshold)
         self.neg_pos_ratio = neg_pos_ratio
         self.alpha = float(alpha)

@@ -43,14 +43,7 @@ from fewsight.errors import (
 )
 from fewsight.geometry import AnchorGenerator, BoxCoder, PaddedTargets, match, pad_targets
 from fewsight.losses.box import BOX_LOSSES, box_regression_loss
-from fewsight.losses.focal import (
-    _FUSED_CPU_CHUNK,
-    _FocalSumWithGrad,
-    _check_alpha_gamma,
-    _chunk_rows,
-    anchor_labels,
-    focal_loss_detection,
-)
+from fewsight.losses.focal import anchor_labels
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
 __all__ = [
@@ -60,7 +53,6 @@ __all__ = [
     "ImageBatch",
     "assign_anchors",
     "detection_box_loss",
-    "detection_focal_loss",
     "postprocess_detections",
     "prepare_targets",
     "preprocess_images",
@@ -377,42 +369,6 @@ def detection_box_loss(
         beta=beta,
         reduction="sum",
     )
-
-
-def chunk_rows(x2: Tensor) -> int:
-    """Rows per chunk for a ``[N, C]`` row-wise pass (shared by the fused detection losses)."""
-    return _chunk_rows(x2, _FUSED_CPU_CHUNK)
-
-
-def detection_focal_loss(
-    logits: Tensor, labels: Tensor, alpha: float | None = 0.25, gamma: float = 2.0
-) -> Tensor:
-    """RetinaNet classification loss: ``sum FL(logits, onehot(labels)) / max(1, #positive anchors)``
-    (Lin et al. 2017); the value of :func:`fewsight.losses.focal_loss_detection` (``"mean"``).
-
-    When a gradient is needed, value and gradient come from one fused chunked pass (about half the
-    elementwise work on CPU) and the ``Tensor[B, A, C]`` gradient is held until backward; otherwise
-    it is :func:`~fewsight.losses.focal_loss_detection`.
-
-    Args:
-        logits: ``Tensor[B, A, C]``; labels: ``Long[B, A]`` class, ``BACKGROUND`` (-1) or ``IGNORE`` (-2).
-
-    Example:
-        >>> logits = torch.full((1, 3, 2), -4.0, requires_grad=True)
-        >>> round(detection_focal_loss(logits, torch.tensor([[1, -1, -2]])).item(), 4)
-        0.9687
-    """
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return focal_loss_detection(logits, labels, alpha, gamma)
-    alpha = _check_alpha_gamma(alpha, gamma)
-    check_labels("labels", labels, logits.shape[-1])
-    if labels.shape != logits.shape[:-1]:
-        raise ShapeError(f"labels: expected shape {tuple(logits.shape[:-1])} (logits without C), got {tuple(labels.shape)}")
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    if logits.shape[-1] == 0 or logits.numel() == 0:
-        return focal_loss_detection(logits, labels, alpha, gamma)
-    total = _FocalSumWithGrad.apply(logits, labels, alpha, float(gamma))
-    return total / (labels >= 0).sum().clamp(min=1).to(total.dtype)
 
 
 # --- post-processing -------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError
 from fewsight.geometry import AnchorGenerator, BoxCoder
-from fewsight.losses.focal import _check_alpha_gamma
+from fewsight.losses import check_focal_options
+from fewsight.losses.functional import focal_loss_detection
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from fewsight.models.detector import DenseDetector
 from fewsight.models.heads import NormSpec, RetinaNetHead
@@ -73,7 +74,7 @@ def retinanet_loss(
         >>> round(out["classification"].item(), 4), out["box_regression"].item()
         (0.4332, 0.0)
     """
-    from fewsight.models.detector import assign_anchors, detection_box_loss, detection_focal_loss, prepare_targets
+    from fewsight.models.detector import assign_anchors, detection_box_loss, prepare_targets
 
     coder = coder if coder is not None else BoxCoder()
     padded = prepare_targets(targets, cls_logits.shape[0], num_classes=cls_logits.shape[-1], device=cls_logits.device)
@@ -81,7 +82,7 @@ def retinanet_loss(
         anchors, padded, object_threshold=object_threshold, background_threshold=background_threshold,
         low_quality=low_quality,
     )
-    cls = detection_focal_loss(cls_logits, assignment.labels, alpha, gamma)
+    cls = focal_loss_detection(cls_logits, assignment.labels, alpha, gamma, fused=True)
     num_pos = assignment.positive.sum().clamp(min=1)
     box = detection_box_loss(
         bbox_regression, anchors, padded, assignment, coder=coder, kind=box_loss, beta=smooth_l1_beta
@@ -174,7 +175,7 @@ class RetinaNet(DenseDetector):
             topk_per_level=topk_per_level, nms_threshold=nms_threshold, detections_per_image=detections_per_image,
             box_loss=box_loss, smooth_l1_beta=smooth_l1_beta, loss_weights=loss_weights, class_names=class_names,
         )
-        self.focal_alpha = _check_alpha_gamma(focal_alpha, focal_gamma)
+        self.focal_alpha = check_focal_options(focal_alpha, focal_gamma)
         self.focal_gamma = float(focal_gamma)
         k = self.anchor_generator.num_anchors_per_location
         if head is None:

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError, ShapeError
 from fewsight.geometry import SSD300_ASPECT_RATIOS, BoxCoder, PaddedTargets, default_boxes, feature_size
-from fewsight.losses.multibox import _check_options, multibox_loss
+from fewsight.losses import check_multibox_options
+from fewsight.losses.functional import multibox_loss
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from fewsight.models.detector import DenseDetector, ImageBatch
 
@@ -397,7 +398,7 @@ class SSD(DenseDetector):
         detections_per_image: int = 200,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        _check_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, smooth_l1_beta)
+        check_multibox_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, smooth_l1_beta)
         if isinstance(backbone, nn.Module) and getattr(backbone, "levels", None) is not None:
             levels = tuple(int(v) for v in backbone.levels)  # the base class checks the rest
         if default_box_generator is None:

@@ -321,3 +321,34 @@ def test_detection_chunked_equals_single_chunk(monkeypatch):
     assert torch.autograd.gradcheck(
         lambda v: focal_loss_detection(v, small, 0.25, 0.5), (logits[:2, :9].clone().requires_grad_(True),)
     )
+
+
+# --- fused value-and-gradient pass (training) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.6, 1.5)])
+def test_fused_focal_equals_focal_loss_detection(dtype, alpha, gamma):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 700, 5, dtype=torch.float64) * 6).to(dtype).requires_grad_()
+    labels = torch.randint(-2, 5, (2, 700))
+    ours = focal_loss_detection(x, labels, alpha, gamma, fused=True)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    ref = focal_loss_detection(x, labels, alpha, gamma)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(g_ours.double(), g_ref.double(), **tol)
+    assert g_ours.dtype == dtype
+    with torch.no_grad():  # no gradient wanted: the plain (memory-lean) path, same value
+        torch.testing.assert_close(focal_loss_detection(x, labels, alpha, gamma, fused=True), ref, **tol)
+
+
+def test_fused_focal_gradcheck_and_extremes():
+    x = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, -1, 2, -2, 1]])
+    assert torch.autograd.gradcheck(lambda x: focal_loss_detection(x, labels, fused=True), (x,))
+    x = torch.tensor([[[100.0, -100.0], [-100.0, 100.0]]], requires_grad=True)
+    loss = focal_loss_detection(x, torch.tensor([[1, -1]]), fused=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

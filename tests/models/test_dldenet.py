@@ -1,4 +1,4 @@
-"""DLDENet: calibrated directional probabilities (stability, gradients), focal on log-probabilities,
+"""DLDENet: the class-direction store at extremes,
 tracked-means semantics (EMA, manual, out of place, DDP), losses, overfitting, enrollment, state."""
 
 from __future__ import annotations
@@ -13,20 +13,10 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from fewsight.errors import CheckpointError, InvalidArgumentError, LabelError
-from fewsight.losses.focal import focal_loss_detection
+from fewsight.losses.functional import dispersion_loss, focal_loss_from_log_probs
 from fewsight.models import DLDENet
 from fewsight.models.detector import prepare_targets
-from fewsight.models.dldenet import (
-    DirectionalClassifier,
-    DirectionalFocalLoss,
-    DispersionLoss,
-    directional_focal_loss,
-    directional_log_probs,
-    directional_probabilities,
-    dispersion_loss,
-    focal_loss_from_log_probs,
-    log1mexp,
-)
+from fewsight.models.directions import DirectionalClassifier
 from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -45,25 +35,6 @@ def empty_targets(n: int = 1):
 
 
 # --- probabilities ---------------------------------------------------------------------------------
-
-
-def test_log_probs_match_the_formula_in_float64():
-    torch.manual_seed(0)
-    e = torch.randn(40, 6, dtype=torch.float64)
-    d = torch.randn(3, 6, dtype=torch.float64)
-    w = torch.tensor([0.5, 7.0, 40.0], dtype=torch.float64)
-    b = torch.tensor([-0.5, 0.2, -1.5], dtype=torch.float64)
-    log_p, log_1mp = directional_log_probs(e, d, w, b)
-    cos = F.normalize(e, dim=-1) @ F.normalize(d, dim=-1).T
-    p = torch.empty_like(cos)
-    for i in range(cos.shape[0]):  # naive loop reference
-        for c in range(cos.shape[1]):
-            p[i, c] = torch.sigmoid(w[c] * (cos[i, c] + b[c])) / torch.sigmoid(w[c] * (1 + b[c]))
-    torch.testing.assert_close(log_p.exp(), p)
-    torch.testing.assert_close(log_1mp, torch.log1p(-p), rtol=1e-6, atol=1e-9)
-    # cos = 1 gives p = 1.
-    lp, _ = directional_log_probs(d[:1], d[:1], w[:1], b[:1])
-    assert lp.item() == 0.0
 
 
 @pytest.mark.parametrize("raw", [-1e4, -50.0, 0.0, 50.0, 1e4])
@@ -91,108 +62,6 @@ def test_half_precision_embeddings_give_float32_finite_results():
     e = torch.randn(5, 8).to(torch.bfloat16)
     log_p, log_1mp = clf(e)
     assert log_p.dtype == torch.float32 and torch.isfinite(log_p).all() and torch.isfinite(log_1mp).all()
-
-
-def test_log1mexp_stable_and_gradcheck():
-    x = torch.tensor([-1e-30, -1e-8, -0.5, -0.6931, -0.7, -30.0, -1e4], dtype=torch.float64)
-    ref = torch.tensor([math.log(-math.expm1(v)) for v in x.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(log1mexp(x), ref)
-    assert log1mexp(torch.tensor(0.0)) == -math.inf
-    assert torch.autograd.gradcheck(log1mexp, (torch.tensor([-1e-2, -0.69, -0.7, -3.0], dtype=torch.float64, requires_grad=True),))
-
-
-def test_gradcheck_log_probs_and_focal():
-    torch.manual_seed(0)
-    e = torch.randn(1, 4, 5, dtype=torch.float64, requires_grad=True)
-    d = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.tensor([3.0, 7.0, 0.5], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor([-0.5, 0.2, -1.0], dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([[0, -1, 2, -2]])
-
-    def f(e, d, w, b):
-        return focal_loss_from_log_probs(*directional_log_probs(e, d, w, b), labels)
-
-    assert torch.autograd.gradcheck(f, (e, d, w, b))
-
-
-def test_focal_from_log_probs_equals_sigmoid_focal():
-    # With log p = logsigmoid(x) and log(1 - p) = logsigmoid(-x) it is the RetinaNet focal loss.
-    torch.manual_seed(0)
-    x = torch.randn(2, 30, 4, dtype=torch.float64) * 3
-    labels = torch.randint(-2, 4, (2, 30))
-    for gamma, alpha in ((2.0, 0.25), (0.0, None), (1.5, 0.5)):
-        ours = focal_loss_from_log_probs(F.logsigmoid(x), F.logsigmoid(-x), labels, alpha, gamma)
-        ref = focal_loss_detection(x, labels, alpha, gamma)
-        torch.testing.assert_close(ours, ref)
-    none = DirectionalFocalLoss(reduction="none")(F.logsigmoid(x), F.logsigmoid(-x), labels)
-    torch.testing.assert_close(none, focal_loss_detection(x, labels, reduction="none"))
-    with pytest.raises(LabelError):
-        focal_loss_from_log_probs(F.logsigmoid(x), F.logsigmoid(-x), torch.full((2, 30), 4))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.7, 1.5)])
-def test_fused_directional_focal_equals_the_composition(dtype, alpha, gamma):
-    torch.manual_seed(0)
-    e = torch.randn(2, 400, 8, dtype=dtype, requires_grad=True)
-    d = torch.randn(5, 8, dtype=dtype, requires_grad=True)
-    w = torch.tensor([0.5, 3.0, 7.0, 40.0, 1e-3], dtype=dtype, requires_grad=True)
-    b = torch.tensor([-0.5, 0.3, -1.5, -0.5, 2.0], dtype=dtype, requires_grad=True)
-    labels = torch.randint(-2, 5, (2, 400))
-    fused = directional_focal_loss(e, d, w, b, labels, alpha, gamma)
-    g_fused = torch.autograd.grad(fused, (e, d, w, b))
-    ref = focal_loss_from_log_probs(*directional_log_probs(e, d, w, b), labels, alpha, gamma)
-    g_ref = torch.autograd.grad(ref, (e, d, w, b))
-    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(fused, ref, **tol)
-    for a, r in zip(g_fused, g_ref):
-        torch.testing.assert_close(a, r, **tol)
-
-
-def test_fused_directional_focal_gradcheck_normalized_and_extremes():
-    torch.manual_seed(0)
-    e = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
-    d = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.tensor([3.0, 7.0, 0.5], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor([-0.5, 0.2, -1.0], dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([[0, -1, 2, -2, 1]])
-    assert torch.autograd.gradcheck(lambda *a: directional_focal_loss(*a, labels), (e, d, w, b))
-    unit = F.normalize(e.detach(), dim=-1)
-    torch.testing.assert_close(
-        directional_focal_loss(unit, d, w, b, labels, normalized=True), directional_focal_loss(unit, d, w, b, labels)
-    )
-    # Embeddings on a class direction, negative for it; huge and vanishing scales: finite.
-    dirs = F.normalize(torch.randn(3, 4), dim=-1)
-    emb = torch.stack((dirs[0], dirs[1], -dirs[2])).unsqueeze(0).requires_grad_()
-    for scale in (1e-30, 1e-3, 1e4):
-        ws = torch.full((3,), scale, requires_grad=True)
-        loss = directional_focal_loss(emb, dirs, ws, torch.full((3,), -0.5), torch.tensor([[1, -1, 2]]))
-        gs = torch.autograd.grad(loss, (emb, ws))
-        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gs)
-
-
-def test_inference_probabilities_equal_exp_log_p():
-    torch.manual_seed(0)
-    e, d = torch.randn(3, 50, 8), torch.randn(4, 8)
-    w, b = torch.tensor([0.5, 7.0, 30.0, 7.0]), torch.tensor([-0.5, -0.5, 0.5, -3.0])
-    p = directional_probabilities(e, d, w, b)
-    torch.testing.assert_close(p, directional_log_probs(e, d, w, b)[0].exp())
-    assert ((p >= 0) & (p <= 1)).all()
-
-
-def test_dispersion_loss_value():
-    d = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], requires_grad=True)
-    c = 1 / math.sqrt(2)  # cos(d0, d1); cos(d1, d2) < 0, cos(d0, d2) < 0
-    torch.testing.assert_close(dispersion_loss(d), torch.tensor(2 * c / 6))
-    DispersionLoss()(d).backward()
-    assert torch.isfinite(d.grad).all()
-    single = torch.randn(1, 3, requires_grad=True)
-    z = dispersion_loss(single)
-    z.backward()
-    assert z.item() == 0.0
-
-
-# --- tracked means -------------------------------------------------------------------------------
 
 
 def _unit(*v):
