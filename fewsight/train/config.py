@@ -27,6 +27,11 @@ A config file mirrors :class:`TrainConfig`::
 Any unknown key, wrong type or bad choice raises :class:`~fewsight.errors.ConfigError` naming
 the dotted key (``trainer.max_epoch: unknown key; expected one of [...]``).
 
+A top-level ``task`` says what the file trains: ``detector`` (the default when absent) or ``embedder``
+(a metric-learning crop embedder, :class:`~fewsight.train.embedder_config.EmbedderTrainConfig`);
+:func:`fewsight.train.load_config` returns the matching config type and :func:`fewsight.train.train`
+dispatches on it; :func:`load_config` here reads detector configs.
+
 Example:
     >>> cfg = config_from_dict({"data": {"train": {"type": "digits", "num_images": 8}},
     ...                         "trainer": {"max_epochs": 1}})
@@ -59,6 +64,7 @@ __all__ = [
     "DATASET_TYPES",
     "MODEL_NAMES",
     "PRECISIONS",
+    "TASKS",
     "CheckpointConfig",
     "DataConfig",
     "DatasetConfig",
@@ -72,7 +78,9 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "read_config_mapping",
     "save_config",
+    "validate_run",
 ]
 
 DATASET_TYPES = ("digits", "emoji", "coco", "voc", "yolo", "csv")
@@ -81,6 +89,7 @@ PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "multistep", "constant")
 LOGGERS = ("csv", "tensorboard")
+TASKS = ("detector", "embedder")
 
 
 @dataclass
@@ -300,8 +309,12 @@ def _from_dict(cls: Any, data: Any, where: str) -> Any:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from a (YAML-like) mapping."""
-    return _from_dict(TrainConfig, copy.deepcopy(dict(data)), "").validate()
+    """Build and validate a :class:`TrainConfig` from a (YAML-like) mapping (``task``: absent or ``detector``)."""
+    data = copy.deepcopy(dict(data))
+    task = data.pop("task", "detector")
+    if task != "detector":
+        raise ConfigError(f"task: expected 'detector' here, got {task!r} (fewsight.train.load_config reads every task)")
+    return _from_dict(TrainConfig, data, "").validate()
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -354,10 +367,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML file (or take a mapping), apply ``overrides`` and validate.
+def read_config_mapping(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The mapping of a YAML file (or a copy of ``source``) with ``overrides`` applied, not yet validated.
 
-    Raises :class:`ConfigError` for a missing / unparsable file, an unknown key or a bad value.
+    Raises :class:`ConfigError` for a missing / unparsable file or a bad override.
     """
     if isinstance(source, Mapping):
         data = copy.deepcopy(dict(source))
@@ -374,7 +387,17 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     apply_overrides(data, overrides)
-    return config_from_dict(data)
+    _choice("task", data.get("task", "detector"), TASKS)
+    return data
+
+
+def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a detector config: a YAML file (or a mapping), ``overrides`` applied, validated.
+
+    Raises :class:`ConfigError` for a missing / unparsable file, an unknown key or a bad value
+    (:func:`fewsight.train.load_config` also reads ``task: embedder`` files).
+    """
+    return config_from_dict(read_config_mapping(source, overrides))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
@@ -421,7 +444,6 @@ def check_kwargs(where: str, fn: Any, kwargs: Mapping[str, Any], reserved: Seque
 def _validate(cfg: TrainConfig) -> None:
     from fewsight.train.builders import dataset_class, model_class  # late: avoids importing torchvision early
 
-    _positive("seed", cfg.seed, 0)
     for split in ("train", "val", "test"):
         ds = getattr(cfg.data, split)
         if ds is None:
@@ -444,6 +466,14 @@ def _validate(cfg: TrainConfig) -> None:
     if cls is not None:
         check_kwargs("model", cls, cfg.model.kwargs, reserved=("num_classes",))
 
+    validate_run(cfg)
+    _positive("eval.plot_images", cfg.eval.plot_images, 0)
+
+
+def validate_run(cfg: Any) -> None:
+    """Checks of the sections every training config shares: ``seed``, ``optimizer``, ``schedule``,
+    ``trainer``, ``checkpoint``."""
+    _positive("seed", cfg.seed, 0)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     if not cfg.optimizer.lr > 0:
         raise ConfigError(f"optimizer.lr: expected > 0, got {cfg.optimizer.lr}")
@@ -480,4 +510,3 @@ def _validate(cfg: TrainConfig) -> None:
     _choice("checkpoint.mode", c.mode, ("max", "min"))
     if not isinstance(c.resume, (bool, str)):
         raise ConfigError(f"checkpoint.resume: expected true, false or a checkpoint path, got {c.resume!r}")
-    _positive("eval.plot_images", cfg.eval.plot_images, 0)

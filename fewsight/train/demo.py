@@ -7,13 +7,10 @@ base digits 0-7, AdamW with warmup + cosine, evaluated on held-out canvases (dig
 seen in training). :func:`run_demo` trains it with :func:`fewsight.train.train` and adds wall-clock
 timing to ``metrics.json``.
 
-Class directions are learned (``directions="learned"``), the variant that measured best here (same
-recipe, seed 0, 2-core CPU): mAP50 0.959 and 5-shot novel AP50 0.48 with no base drop, against 0.927
-and 0.40 (base drop 0.055) for tracked means with ``means_lr=0.01``; with the default ``means_lr=0.1``
-the tracked means follow the untrained head's common direction before the classes separate on this
-450-step schedule. The CCS term is off (``loss_weights={"ccs": 0}``): pulling every embedding onto its
-class direction costs novel classes (5-shot novel AP50 with rivalry 0.57 with it, 0.68 without, 3
-seeds; demo mAP50 0.959 vs 0.956; docs/results.md).
+Class directions are learned (``directions="learned"``): with tracked means the means follow the
+untrained head's common direction before the classes separate on this short schedule. The CCS term
+is off (``loss_weights={"ccs": 0}``): pulling every embedding onto its class direction makes the
+embedding less useful for classes enrolled later.
 
 Example:
     >>> DEMO_CONFIG["model"]["name"], DEMO_CONFIG["data"]["train"]["image_size"]
@@ -33,7 +30,7 @@ import torch
 
 from fewsight.eval.io import write_json
 from fewsight.train.config import apply_overrides, load_config
-from fewsight.train.loop import train
+from fewsight.train.loop import train_detector as train
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 

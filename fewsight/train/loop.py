@@ -1,6 +1,12 @@
-"""``train(config)``: datasets, detector, Lightning ``Trainer``, checkpoints, final evaluation.
+"""The Lightning loop every fewsight training shares, and the detector run on it.
 
-Outputs under ``config.out_dir``::
+:func:`prepare_run` (output folder, threads, seeds, what to resume), :func:`build_trainer` (checkpoints
+each epoch + best + last through :class:`~fewsight.train.checkpoint.AtomicCheckpointIO`, exact resume,
+precision / AMP, gradient clipping, progress bar, CSV / TensorBoard logs, DDP strategy) and :func:`fit`
+run both :func:`train_detector` and :func:`fewsight.train.embedder.train_embedder`;
+:func:`fewsight.train.train` picks one from the config type.
+
+Detector outputs under ``config.out_dir``::
 
     config.yaml                 the resolved configuration
     checkpoints/epoch=NNN.ckpt  every ``checkpoint.every_n_epochs`` epochs (``checkpoint.keep`` newest)
@@ -23,8 +29,8 @@ Distribution is Lightning's: ``trainer.strategy: ddp`` with ``trainer.devices`` 
 
 Example:
     >>> import tempfile  # doctest: +SKIP
-    >>> result = train({"out_dir": tempfile.mkdtemp(), "data": {"train": {"type": "digits", "num_images": 8}},
-    ...                 "model": {"name": "retinanet"}, "trainer": {"max_epochs": 1}})  # doctest: +SKIP
+    >>> result = train_detector({"out_dir": tempfile.mkdtemp(), "data": {"train": {"type": "digits", "num_images": 8}},
+    ...                          "model": {"name": "retinanet"}, "trainer": {"max_epochs": 1}})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,7 +60,10 @@ from fewsight.train.config import TrainConfig, load_config, save_config
 from fewsight.train.data import DetectionDataModule, sample_seed
 from fewsight.train.module import DetectorModule
 
-__all__ = ["EpochSeed", "TrainResult", "build_trainer", "train"]
+__all__ = ["EpochSeed", "TrainResult", "build_trainer", "checkpoint_paths", "fit", "prepare_run", "train_detector"]
+
+# Any training config (detector or embedder): each has seed, out_dir, trainer and checkpoint sections.
+RunConfig = Any
 
 log = logging.getLogger("fewsight.train")
 
@@ -89,7 +98,7 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _loggers(cfg: TrainConfig, out_dir: Path) -> list[Any]:
+def _loggers(cfg: RunConfig, out_dir: Path) -> list[Any]:
     loggers: list[Any] = []
     for name in cfg.trainer.loggers:
         if name == "csv":
@@ -112,8 +121,9 @@ def _loggers(cfg: TrainConfig, out_dir: Path) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: TrainConfig, out_dir: Path, *, has_val: bool, callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """The ``lightning.Trainer`` of ``cfg`` with fewsight's checkpointing, seeding and progress bar."""
+def build_trainer(cfg: RunConfig, out_dir: Path, *, has_val: bool, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``cfg`` (detector or embedder config) with fewsight's checkpointing,
+    seeding and progress bar."""
     t = cfg.trainer
     ckpt_dir = out_dir / "checkpoints"
     every = ModelCheckpoint(
@@ -180,7 +190,7 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, *, has_val: bool, callbacks: 
     )
 
 
-def _resume_path(cfg: TrainConfig) -> str | None:
+def _resume_path(cfg: RunConfig) -> str | None:
     resume = cfg.checkpoint.resume
     if resume is False or resume is None:
         return None
@@ -192,7 +202,49 @@ def _resume_path(cfg: TrainConfig) -> str | None:
     return str(path)
 
 
-def train(
+def prepare_run(cfg: RunConfig) -> tuple[Path, str | None]:
+    """Create ``out_dir``, apply ``trainer.threads``, seed everything; returns ``(out_dir, ckpt_path)``
+    (Lightning's ``ckpt_path`` for ``checkpoint.resume``, ``None`` for a fresh run)."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
+    ckpt_path = _resume_path(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return out_dir, ckpt_path
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None) -> None:
+    """``trainer.fit`` (checkpoints read with ``weights_only=True``) without the warnings that are
+    expected here."""
+    with warnings.catch_warnings():
+        # Expected here (num_workers=0 on small data, frozen backbone stages kept in eval mode,
+        # resuming into the run's own folders, a Lightning-internal deprecation): only noise for users.
+        for message in (
+            ".*does not have many workers.*",
+            ".*number of training batches.*smaller than the logging interval.*",
+            ".*module\\(s\\) in eval mode at the start of training.*",
+            ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ):
+            warnings.filterwarnings("ignore", message=message)
+        if ckpt_path is not None:
+            warnings.filterwarnings("ignore", message=".*(Checkpoint|Experiment logs) directory.*exists and is not empty.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+def checkpoint_paths(trainer: L.Trainer, monitor: str) -> tuple[Path | None, Path | None]:
+    """``(last, best)`` checkpoint paths of a fitted :func:`build_trainer` trainer (``None``: not written)."""
+    last = best = None
+    every = trainer.checkpoint_callbacks[0] if trainer.checkpoint_callbacks else None
+    if isinstance(every, ModelCheckpoint) and every.last_model_path:
+        last = Path(every.last_model_path)
+    found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor == monitor]
+    if found and found[0].best_model_path:
+        best = Path(found[0].best_model_path)
+    return last, best
+
+
+def train_detector(
     config: TrainConfig | Mapping[str, Any] | str | Path,
     *,
     overrides: Sequence[str] = (),
@@ -205,16 +257,11 @@ def train(
     extra Lightning callbacks. ``evaluate``: evaluate the final model and write ``metrics.json``
     and the figures (global rank 0 only). See the module docstring for the outputs.
     """
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
     if isinstance(config, TrainConfig) and overrides:
         raise ConfigError("overrides: only for a mapping or a YAML file config, not a TrainConfig")
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
     start = time.perf_counter()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.threads is not None:
-        torch.set_num_threads(cfg.trainer.threads)
-    ckpt_path = _resume_path(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out_dir, ckpt_path = prepare_run(cfg)
 
     train_set, val_set, test_set = build_datasets(cfg.data)
     model = build_model(cfg.model, train_set.classes)
@@ -233,27 +280,10 @@ def train(
     trainer = build_trainer(cfg, out_dir, has_val=val_set is not None, callbacks=callbacks)
     if trainer.is_global_zero:
         save_config(cfg, out_dir / "config.yaml")
-    with warnings.catch_warnings():
-        # Expected here (num_workers=0 on small data, frozen backbone stages kept in eval mode,
-        # resuming into the run's own folders, a Lightning-internal deprecation): only noise for users.
-        for message in (
-            ".*does not have many workers.*",
-            ".*number of training batches.*smaller than the logging interval.*",
-            ".*module\\(s\\) in eval mode at the start of training.*",
-            ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-        ):
-            warnings.filterwarnings("ignore", message=message)
-        if ckpt_path is not None:
-            warnings.filterwarnings("ignore", message=".*(Checkpoint|Experiment logs) directory.*exists and is not empty.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule, ckpt_path)
 
     result = TrainResult(model=module.model, out_dir=out_dir, val_metrics=module.last_val_metrics)
-    every = trainer.checkpoint_callbacks[0] if trainer.checkpoint_callbacks else None
-    if isinstance(every, ModelCheckpoint) and every.last_model_path:
-        result.last_checkpoint = Path(every.last_model_path)
-    best = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor == cfg.checkpoint.monitor]
-    if best and best[0].best_model_path:
-        result.best_checkpoint = Path(best[0].best_model_path)
+    result.last_checkpoint, result.best_checkpoint = checkpoint_paths(trainer, cfg.checkpoint.monitor)
     if not trainer.is_global_zero:
         return result
 

@@ -75,18 +75,28 @@ def test_embedder_save_load_round_trip(tmp_path):
         CropEmbedder.load(tmp_path / "bad.pt")
 
 
-def test_embedder_loads_a_bench_network_state_dict(tmp_path):
-    # bench/metric_learning.py --save-net writes features/head/mean/std only.
-    net = tiny_embedder()
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("white_")}
-    torch.save(state, tmp_path / "net.pt")
-    other = tiny_embedder()
-    torch.nn.init.zeros_(other.head.weight)
-    other.load_network(tmp_path / "net.pt")
-    torch.testing.assert_close(other.head.weight, net.head.weight)
-    torch.save({"head.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
-    with pytest.raises(CheckpointError):
-        other.load_network(tmp_path / "wrong.pt")
+def test_embedder_load_names_the_file_for_bad_files(tmp_path):
+    good = tiny_embedder().save(tmp_path / "emb.pt")
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a torch file")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "state.pt")  # a bare state dict
+    for name in ("cut.pt", "text.pt", "state.pt", "missing.pt"):
+        with pytest.raises(CheckpointError, match=name):
+            CropEmbedder.load(tmp_path / name)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic save leaves no temporary file
+
+
+def test_embedder_tta_is_saved_and_averages_scales(tmp_path):
+    net = tiny_embedder(tta_scales=(1.0, 0.5))
+    back = CropEmbedder.load(net.save(tmp_path / "tta.pt"))
+    assert back.config["tta_scales"] == [1.0, 0.5]
+    crops = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back.embed_crops(crops), net.embed_crops(crops))
+        plain = tiny_embedder()
+        plain.load_state_dict(net.state_dict())
+        assert not torch.allclose(plain.embed_crops(crops), net.embed_crops(crops))
 
 
 def test_embedder_arguments():
