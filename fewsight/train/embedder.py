@@ -306,6 +306,10 @@ def train_embedder(
             ref = w(views[view_domains == 0].double()).float() if bool((view_domains == 0).any()) else None
             metrics["test"]["whitened"] = domain_retrieval(wq, test_y, test_d, ks, csls_reference=ref, csls_k=cfg.eval.csls_k)
         metrics["test"]["num_classes"] = data.test.num_classes
+        final = metrics["test"].get("whitened", metrics["test"]["cosine"])
+        metrics["test_recall@1"] = final["recall@1"]
+        if "csls" in final:
+            metrics["test_recall@1_csls"] = final["csls"]["recall@1"]
     metrics["val_last"] = module.last_val_metrics
     metrics["train_seconds"] = train_seconds
     result.metrics = metrics
