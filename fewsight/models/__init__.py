@@ -12,9 +12,13 @@ from fewsight.models.backbones import (
 from fewsight.models.fpn import FPN
 from fewsight.models.crops import crop_boxes
 from fewsight.models.detector import DenseDetector
+from fewsight.models.transform import DetectionTransform
+from fewsight.models.assignment import AnchorAssigner
+from fewsight.models.postprocess import DetectionPostprocess
 from fewsight.models.heads import DLDENetHead, RetinaNetHead
 from fewsight.models.retinanet import RetinaNet
-from fewsight.models.dldenet import DirectionalClassifier, DLDENet
+from fewsight.models.directions import DirectionalClassifier
+from fewsight.models.dldenet import DLDENet
 from fewsight.models.ssd import SSD, DefaultBoxGenerator, SSDHead
 from fewsight.models.export import OnnxDetector, OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
 
@@ -29,6 +33,9 @@ __all__: list[str] = [
     "freeze_batchnorm",
     "offline_weights_path",
     "DenseDetector",
+    "DetectionTransform",
+    "AnchorAssigner",
+    "DetectionPostprocess",
     "DLDENetHead",
     "RetinaNetHead",
     "RetinaNet",

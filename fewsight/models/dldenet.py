@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewsight.errors import CheckpointError, InvalidArgumentError, ShapeError, check_choice
-from fewsight.geometry import BACKGROUND, AnchorGenerator, BoxCoder
+from fewsight.geometry import BACKGROUND
 from fewsight.losses import check_focal_options
 from fewsight.losses.functional import ccs_loss, directional_focal_loss, dispersion_loss
-from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from fewsight.models.detector import DenseDetector, prepare_targets
+from fewsight.models.assignment import prepare_targets
+from fewsight.models.detector import DenseDetector
 from fewsight.models.directions import DIRECTIONS, DirectionalClassifier
 from fewsight.models.heads import DLDENetHead, NormSpec
 
@@ -63,9 +63,10 @@ MEANS_UPDATES = ("batch", "manual", "none")
 
 
 class DLDENet(DenseDetector):
-    """DLDENet detector: RetinaNet with a directional-embedding classification head (SPEC §4).
+    """DLDENet detector: RetinaNet with a directional-embedding classification head.
 
-    Args (besides those of :class:`~fewsight.models.RetinaNet`, same meaning and defaults):
+    Args (the keywords of :class:`~fewsight.models.detector.DenseDetector` pass through, with the
+    defaults and meaning given for :class:`~fewsight.models.RetinaNet`):
         num_classes: initial classes ``C`` (0 allowed: enroll every class later).
         embedding_dim: ``D`` (256).
         directions: ``"tracked"`` (means buffer, default) or ``"learned"`` (cosine classifier).
@@ -74,6 +75,7 @@ class DLDENet(DenseDetector):
         means_lr: EMA rate (0.1).
         init_scale, init_bias: initial ``w`` (7) and ``b`` (-0.5) of every class, enrolled ones too.
         ccs_iou_weighted: weight each positive's CCS term by its IoU (soft CCS).
+        focal_alpha, focal_gamma: focal loss on the calibrated probabilities (0.25, 2).
         loss_weights: overrides of ``{"classification": 1, "box_regression": 1, "ccs": 1, "dispersion": 0}``;
             ``"dispersion"`` needs ``directions="learned"``. Returned losses are weighted; the
             dispersion term is returned only when its weight is > 0.
@@ -98,18 +100,6 @@ class DLDENet(DenseDetector):
         self,
         num_classes: int,
         *,
-        backbone: str | nn.Module = "resnet18",
-        weights: Any = None,
-        levels: Sequence[int] = (3, 4, 5, 6, 7),
-        fpn_channels: int = 256,
-        frozen_bn: bool = False,
-        trainable_layers: int | None = None,
-        p6_from: str = "p5",
-        anchor_generator: AnchorGenerator | None = None,
-        coder: BoxCoder | None = None,
-        object_threshold: float = 0.5,
-        background_threshold: float = 0.4,
-        low_quality: bool = True,
         embedding_dim: int = 256,
         directions: str = "tracked",
         means_update: str = "batch",
@@ -122,32 +112,9 @@ class DLDENet(DenseDetector):
         focal_alpha: float | None = 0.25,
         focal_gamma: float = 2.0,
         ccs_iou_weighted: bool = True,
-        box_loss: str = "smooth_l1",
-        smooth_l1_beta: float = 0.11,
-        loss_weights: Mapping[str, float] | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        size_divisible: int = 1,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
-        score_threshold: float = 0.05,
-        topk_per_level: int = 1000,
-        nms_threshold: float = 0.5,
-        detections_per_image: int = 100,
-        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            backbone=backbone, weights=weights, levels=levels, fpn_channels=fpn_channels, frozen_bn=frozen_bn,
-            trainable_layers=trainable_layers, p6_from=p6_from, anchor_generator=anchor_generator, coder=coder,
-            object_threshold=object_threshold, background_threshold=background_threshold, low_quality=low_quality,
-            min_size=min_size, max_size=max_size, image_size=image_size, size_divisible=size_divisible,
-            image_mean=image_mean, image_std=image_std, score_threshold=score_threshold,
-            topk_per_level=topk_per_level, nms_threshold=nms_threshold, detections_per_image=detections_per_image,
-            box_loss=box_loss, smooth_l1_beta=smooth_l1_beta, loss_weights=loss_weights, class_names=class_names,
-            min_classes=0,
-        )
+        super().__init__(num_classes, min_classes=0, **kwargs)
         check_choice("directions", directions, DIRECTIONS)
         check_choice("means_update", means_update, MEANS_UPDATES)
         if isinstance(means_lr, bool) or not isinstance(means_lr, (int, float)) or not 0.0 < means_lr <= 1.0:

@@ -10,7 +10,7 @@ with the anchors (default boxes) baked in as constants for the export ``image_si
 dimension is dynamic. ``boxes`` are xyxy pixels in the coordinates of the *input* images and ``scores``
 are the class probabilities (no background column, whatever the model). The score threshold, per-level
 top-k, class-wise NMS and per-image cap stay outside the graph, in :func:`postprocess_onnx_outputs`,
-which runs the models' own post-processing (:func:`fewsight.models.detector.postprocess_detections`)
+which runs the models' own post-processing (:func:`fewsight.models.postprocess.postprocess_detections`)
 on these outputs. Why outside: NMS has a data-dependent output size and ONNX's ``NonMaxSuppression``
 differs from ``torchvision.ops.batched_nms`` (tie order, per-class loop, top-k semantics), so keeping it
 in torch guarantees detections equal to ``model(images)``; the graph itself runs anywhere
@@ -63,7 +63,7 @@ from fewsight.errors import (
     ShapeError,
 )
 from fewsight.geometry import BoxCoder
-from fewsight.models.detector import postprocess_detections
+from fewsight.models.postprocess import postprocess_detections
 
 __all__ = [
     "METADATA_KEY",
@@ -376,7 +376,7 @@ def postprocess_onnx_outputs(
 ) -> list[dict[str, Tensor]]:
     """The exported graph's dense outputs -> per-image ``{"boxes", "scores", "labels"}``, as ``model(images)``.
 
-    Runs :func:`fewsight.models.detector.postprocess_detections` (score threshold, per-level top-k, one
+    Runs :func:`fewsight.models.postprocess.postprocess_detections` (score threshold, per-level top-k, one
     class-wise ``batched_nms`` for the batch, per-image cap) with the model's settings from ``info``
     (each overridable). IoU is invariant under the per-axis rescaling to input pixels, so NMS on these
     boxes selects what the model selects.

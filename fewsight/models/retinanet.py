@@ -25,17 +25,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError
-from fewsight.geometry import AnchorGenerator, BoxCoder
+from fewsight.geometry import BoxCoder
 from fewsight.losses import check_focal_options
 from fewsight.losses.functional import focal_loss_detection
-from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from fewsight.models.assignment import assign_anchors, detection_box_loss, prepare_targets
 from fewsight.models.detector import DenseDetector
 from fewsight.models.heads import NormSpec, RetinaNetHead
 
@@ -74,8 +74,6 @@ def retinanet_loss(
         >>> round(out["classification"].item(), 4), out["box_regression"].item()
         (0.4332, 0.0)
     """
-    from fewsight.models.detector import assign_anchors, detection_box_loss, prepare_targets
-
     coder = coder if coder is not None else BoxCoder()
     padded = prepare_targets(targets, cls_logits.shape[0], num_classes=cls_logits.shape[-1], device=cls_logits.device)
     assignment = assign_anchors(
@@ -95,29 +93,23 @@ class RetinaNet(DenseDetector):
 
     Args:
         num_classes: ``C`` object classes (no background class).
-        backbone: a name of :data:`fewsight.models.BACKBONES` or a module from
-            :func:`~fewsight.models.build_backbone` (anything with ``.levels``, ``.out_channels`` whose
-            forward returns one ``Tensor[B, out_channels, H_l, W_l]`` per level).
-        weights: backbone weights (see :func:`~fewsight.models.build_backbone`); frozen_bn,
-            trainable_layers, p6_from: passed to it. levels: pyramid levels (default P3-P7; with an
-            injected backbone, its levels). fpn_channels: FPN and head width (256).
-        anchor_generator: default ``AnchorGenerator(levels)`` (sizes 32-512, 3 scales, 3 ratios).
-        coder: default ``BoxCoder((1, 1, 1, 1))`` as torchvision's RetinaNet.
-        object_threshold, background_threshold, low_quality: matching (0.5 / 0.4 / True).
         head: module mapping the level features to ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``;
             default :class:`~fewsight.models.heads.RetinaNetHead` with ``head_convs`` convs,
             ``head_norm`` (None or ``"group"``) and ``prior_probability``.
         focal_alpha, focal_gamma: focal loss (0.25, 2).
-        box_loss: ``"smooth_l1"`` (default, ``smooth_l1_beta`` 0.11 as Detectron's RetinaNet),
-            ``"l1"`` (torchvision's choice) or ``"giou"``.
-        loss_weights: ``{"classification": 1.0, "box_regression": 1.0}`` overrides; the returned losses
-            are already weighted.
-        min_size, max_size, image_size, size_divisible: internal resizing (default none, see
-            :func:`~fewsight.models.detector.preprocess_images`); outputs are always in the input
-            images' coordinates. image_mean, image_std: normalisation (ImageNet).
-        score_threshold, topk_per_level, nms_threshold, detections_per_image: inference (0.05,
-            1000, 0.5, 100 as torchvision).
-        class_names: ``C`` names (default ``"0" .. "C-1"``), stored in the ``state_dict``.
+        **kwargs: the keywords of :class:`~fewsight.models.detector.DenseDetector`, with its defaults:
+            ``backbone`` (``"resnet18"``: a name of :data:`fewsight.models.BACKBONES` or a module from
+            :func:`~fewsight.models.build_backbone`), ``weights``, ``levels`` (P3-P7), ``fpn_channels``
+            (256), ``frozen_bn``, ``trainable_layers``, ``p6_from``; ``anchor_generator`` (sizes 32-512,
+            3 scales, 3 ratios); ``coder`` (``BoxCoder((1, 1, 1, 1))`` as torchvision's RetinaNet);
+            ``box_loss`` (``"smooth_l1"`` with ``smooth_l1_beta`` 0.11 as Detectron's RetinaNet, ``"l1"`` as
+            torchvision's, or ``"giou"``); ``loss_weights`` (``{"classification": 1.0, "box_regression": 1.0}``
+            overrides; the returned losses are weighted); ``class_names`` (stored in the ``state_dict``);
+            the components ``transform`` / ``assigner`` / ``postprocessor`` or their options: resizing
+            ``min_size``, ``max_size``, ``image_size``, ``size_divisible`` (default none), normalisation
+            ``image_mean``, ``image_std`` (ImageNet), matching ``object_threshold``, ``background_threshold``,
+            ``low_quality`` (0.5, 0.4, True), inference ``score_threshold``, ``topk_per_level``,
+            ``nms_threshold``, ``detections_per_image`` (0.05, 1000, 0.5, 100 as torchvision).
 
     Shapes:
         train: ``model(images, targets) -> {"classification": Tensor[], "box_regression": Tensor[]}``;
@@ -132,49 +124,15 @@ class RetinaNet(DenseDetector):
         self,
         num_classes: int,
         *,
-        backbone: str | nn.Module = "resnet18",
-        weights: Any = None,
-        levels: Sequence[int] = (3, 4, 5, 6, 7),
-        fpn_channels: int = 256,
-        frozen_bn: bool = False,
-        trainable_layers: int | None = None,
-        p6_from: str = "p5",
-        anchor_generator: AnchorGenerator | None = None,
-        coder: BoxCoder | None = None,
-        object_threshold: float = 0.5,
-        background_threshold: float = 0.4,
-        low_quality: bool = True,
         head: nn.Module | None = None,
         head_convs: int = 4,
         head_norm: NormSpec = None,
         prior_probability: float = 0.01,
         focal_alpha: float | None = 0.25,
         focal_gamma: float = 2.0,
-        box_loss: str = "smooth_l1",
-        smooth_l1_beta: float = 0.11,
-        loss_weights: Mapping[str, float] | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        size_divisible: int = 1,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
-        score_threshold: float = 0.05,
-        topk_per_level: int = 1000,
-        nms_threshold: float = 0.5,
-        detections_per_image: int = 100,
-        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            backbone=backbone, weights=weights, levels=levels, fpn_channels=fpn_channels, frozen_bn=frozen_bn,
-            trainable_layers=trainable_layers, p6_from=p6_from, anchor_generator=anchor_generator, coder=coder,
-            object_threshold=object_threshold, background_threshold=background_threshold, low_quality=low_quality,
-            min_size=min_size, max_size=max_size, image_size=image_size, size_divisible=size_divisible,
-            image_mean=image_mean, image_std=image_std, score_threshold=score_threshold,
-            topk_per_level=topk_per_level, nms_threshold=nms_threshold, detections_per_image=detections_per_image,
-            box_loss=box_loss, smooth_l1_beta=smooth_l1_beta, loss_weights=loss_weights, class_names=class_names,
-        )
+        super().__init__(num_classes, **kwargs)
         self.focal_alpha = check_focal_options(focal_alpha, focal_gamma)
         self.focal_gamma = float(focal_gamma)
         k = self.anchor_generator.num_anchors_per_location

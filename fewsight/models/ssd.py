@@ -11,7 +11,7 @@ the network input, so any input size works. Training uses the MultiBox loss
 
 returned as ``{"classification": alpha * L_cls, "box_regression": (2 - alpha) * L_loc}`` (their sum is
 the total). Inference: softmax over ``C + 1``, background dropped, then the shared post-processing of
-:func:`fewsight.models.detector.postprocess_detections` (score threshold, per-level top-k, one batched
+:func:`fewsight.models.postprocess.postprocess_detections` (score threshold, per-level top-k, one batched
 class-wise NMS, boxes in the original image coordinates). Labels are always ``0 .. C-1``.
 
 Example:
@@ -41,8 +41,9 @@ from fewsight.errors import InvalidArgumentError, ShapeError
 from fewsight.geometry import SSD300_ASPECT_RATIOS, BoxCoder, PaddedTargets, default_boxes, feature_size
 from fewsight.losses import check_multibox_options
 from fewsight.losses.functional import multibox_loss
-from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from fewsight.models.detector import DenseDetector, ImageBatch
+from fewsight.models.assignment import AnchorAssigner
+from fewsight.models.detector import _DEFAULT_LEVELS, DenseDetector
+from fewsight.models.transform import ImageBatch
 
 __all__ = ["SSD", "DefaultBoxGenerator", "SSDHead", "ssd_loss"]
 
@@ -336,21 +337,22 @@ class SSD(DenseDetector):
 
     Args:
         num_classes: ``C`` object classes (no background class in the public API).
-        backbone, weights, levels, fpn_channels, frozen_bn, trainable_layers, p6_from: as
-            :class:`~fewsight.models.RetinaNet` (default ResNet-18, P3-P7, 256 channels).
-        image_size: every image is resized to this ``(H, W)`` (default ``(300, 300)``, aspect not kept,
-            as torchvision's SSD300); ``None`` keeps the input size (any size works: default boxes
-            follow the actual feature sizes), or use ``min_size`` / ``max_size`` with ``image_size=None``.
         min_scale, max_scale, scales, aspect_ratios, steps, clip_default_boxes: default boxes (see
             :class:`DefaultBoxGenerator`); or inject ``default_box_generator``.
         head: module mapping the level features to ``{"cls_logits": [B, A, C + 1], "bbox_regression":
             [B, A, 4]}`` (index 0 = background); default :class:`SSDHead`.
-        coder: default ``BoxCoder.from_variances((0.1, 0.2))``.
-        iou_threshold, neg_pos_ratio, alpha, min_negatives, smooth_l1_beta: MultiBox loss (0.5, 3, 1, 0,
-            1.0); ``loss_weights`` further scales ``{"classification", "box_regression"}``.
-        score_threshold, topk_per_level, nms_threshold, detections_per_image: inference (0.01, 400,
-            0.45, 200, torchvision's SSD values; the top-k is per level over all classes).
-        class_names: ``C`` names, stored in the ``state_dict``.
+        iou_threshold, neg_pos_ratio, alpha, min_negatives: MultiBox loss (0.5, 3, 1, 0), with the base's
+            ``smooth_l1_beta`` (default 1.0 here); ``loss_weights`` further scales
+            ``{"classification", "box_regression"}``.
+        **kwargs: the keywords of :class:`~fewsight.models.detector.DenseDetector` (as
+            :class:`~fewsight.models.RetinaNet`: ``backbone``, ``weights``, ``levels``, ``fpn_channels``, ...,
+            ``loss_weights``, ``class_names``, the transform and post-processing options), with SSD's
+            defaults (:attr:`default_options`): ``image_size=(300, 300)`` (every image resized to it, aspect
+            not kept, as torchvision's SSD300; ``None`` keeps the input size -- default boxes follow the
+            actual feature sizes -- or use ``min_size`` / ``max_size`` with ``image_size=None``);
+            ``score_threshold``, ``topk_per_level``, ``nms_threshold``, ``detections_per_image`` 0.01, 400,
+            0.45, 200 (torchvision's SSD values; the top-k is per level over all classes); ``coder``
+            ``BoxCoder.from_variances((0.1, 0.2))``.
 
     Shapes:
         train: ``model(images, targets) -> {"classification": Tensor[], "box_regression": Tensor[]}``;
@@ -359,24 +361,18 @@ class SSD(DenseDetector):
     """
 
     default_loss_weights = {"classification": 1.0, "box_regression": 1.0}
+    default_options = {
+        "image_size": (300, 300),
+        "score_threshold": 0.01,
+        "topk_per_level": 400,
+        "nms_threshold": 0.45,
+        "detections_per_image": 200,
+    }
 
     def __init__(
         self,
         num_classes: int,
         *,
-        backbone: str | nn.Module = "resnet18",
-        weights: Any = None,
-        levels: Sequence[int] = (3, 4, 5, 6, 7),
-        fpn_channels: int = 256,
-        frozen_bn: bool = False,
-        trainable_layers: int | None = None,
-        p6_from: str = "p5",
-        image_size: int | tuple[int, int] | None = (300, 300),
-        min_size: int | None = None,
-        max_size: int | None = None,
-        size_divisible: int = 1,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
         min_scale: float = 0.2,
         max_scale: float = 0.9,
         scales: Sequence[float] | None = None,
@@ -385,20 +381,16 @@ class SSD(DenseDetector):
         clip_default_boxes: bool = True,
         default_box_generator: DefaultBoxGenerator | None = None,
         head: nn.Module | None = None,
-        coder: BoxCoder | None = None,
         iou_threshold: float = 0.5,
         neg_pos_ratio: float = 3.0,
         alpha: float = 1.0,
         min_negatives: int = 0,
-        smooth_l1_beta: float = 1.0,
-        loss_weights: Mapping[str, float] | None = None,
-        score_threshold: float = 0.01,
-        topk_per_level: int = 400,
-        nms_threshold: float = 0.45,
-        detections_per_image: int = 200,
-        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> None:
+        smooth_l1_beta = kwargs.setdefault("smooth_l1_beta", 1.0)  # SSD's smooth-L1 is the plain one
         check_multibox_options(iou_threshold, neg_pos_ratio, alpha, min_negatives, smooth_l1_beta)
+        levels = kwargs.get("levels", _DEFAULT_LEVELS)
+        backbone = kwargs.get("backbone")
         if isinstance(backbone, nn.Module) and getattr(backbone, "levels", None) is not None:
             levels = tuple(int(v) for v in backbone.levels)  # the base class checks the rest
         if default_box_generator is None:
@@ -410,17 +402,16 @@ class SSD(DenseDetector):
             raise InvalidArgumentError(
                 f"default_box_generator: expected a DefaultBoxGenerator or None, got {type(default_box_generator).__name__}"
             )
+        if kwargs.get("coder") is None:
+            kwargs["coder"] = BoxCoder.from_variances((0.1, 0.2))
         super().__init__(
             num_classes,
-            backbone=backbone, weights=weights, levels=levels, fpn_channels=fpn_channels, frozen_bn=frozen_bn,
-            trainable_layers=trainable_layers, p6_from=p6_from,
             anchor_generator=default_box_generator,  # type: ignore[arg-type]
-            coder=coder if coder is not None else BoxCoder.from_variances((0.1, 0.2)),
-            object_threshold=iou_threshold, background_threshold=iou_threshold, low_quality=False,
-            min_size=min_size, max_size=max_size, image_size=image_size, size_divisible=size_divisible,
-            image_mean=image_mean, image_std=image_std, score_threshold=score_threshold,
-            topk_per_level=topk_per_level, nms_threshold=nms_threshold, detections_per_image=detections_per_image,
-            box_loss="smooth_l1", smooth_l1_beta=smooth_l1_beta, loss_weights=loss_weights, class_names=class_names,
+            # The MultiBox loss matches by itself; this matching (thresholds at iou_threshold, no
+            # low-quality rule) serves callers of assign() such as embedding or enrollment code.
+            assigner=AnchorAssigner(object_threshold=iou_threshold, background_threshold=iou_threshold, low_quality=False),
+            box_loss="smooth_l1",
+            **kwargs,
         )
         self.iou_threshold = float(iou_threshold)
         self.neg_pos_ratio = float(neg_pos_ratio)

@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 from fewsight.errors import CheckpointError, InvalidArgumentError, LabelError
 from fewsight.losses.functional import dispersion_loss, focal_loss_from_log_probs
 from fewsight.models import DLDENet
-from fewsight.models.detector import prepare_targets
+from fewsight.models.assignment import prepare_targets
 from fewsight.models.directions import DirectionalClassifier
 from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 

@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 
 from fewsight.errors import ShapeError
 from fewsight.models import DLDENet
-from fewsight.models.detector import prepare_targets
+from fewsight.models.assignment import prepare_targets
 from tests._helpers import one_thread  # noqa: F401  (autouse)
 
 D = 8

@@ -17,7 +17,9 @@ from fewsight.errors import CheckpointError, DTypeError, InvalidArgumentError, L
 from fewsight.geometry import AnchorGenerator, BoxCoder
 from fewsight.models import RetinaNet
 from fewsight.losses.focal import focal_loss_detection
-from fewsight.models.detector import postprocess_detections, preprocess_images, prepare_targets
+from fewsight.models.assignment import assign_anchors, prepare_targets
+from fewsight.models.postprocess import postprocess_detections
+from fewsight.models.transform import preprocess_images
 from fewsight.models.retinanet import retinanet_loss
 from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
@@ -199,7 +201,6 @@ def test_unknown_label_and_degenerate_boxes():
     assert t.labels.tolist() == [[0, -1, -1]]
     # Anchors of an unknown-label box are ignored (not taught background).
     anchors = torch.tensor([[1.0, 1.0, 20.0, 20.0], [100.0, 100.0, 120.0, 120.0]])
-    from fewsight.models.detector import assign_anchors
 
     asg = assign_anchors(anchors, prepare_targets([{"boxes": anchors[:1], "labels": torch.tensor([-1])}], 1))
     assert asg.labels.tolist() == [[-2, -1]]

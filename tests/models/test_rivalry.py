@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fewsight.errors import InvalidArgumentError, ShapeError
 from fewsight.models import DLDENet
 from fewsight.losses.functional import directional_log_probs, directional_probabilities, focal_loss_from_log_probs
-from fewsight.models.detector import prepare_targets
+from fewsight.models.assignment import prepare_targets
 from fewsight.models.directions import DirectionalClassifier
 from tests._helpers import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
