@@ -282,7 +282,7 @@ class _DirectionalFocalSum(torch.autograd.Function):
     """Sum of the focal loss on calibrated directional probabilities, from the cosines ``[N, C]``.
 
     Value and gradients (with respect to the cosines, ``w`` and ``b``) are computed in one chunked
-    pass and kept for backward, instead of an autograd graph of ~40 ``[N, C]`` intermediates.
+    pass and kept for backward, instead of an autograd graph holding dozens of ``[N, C]`` intermediates.
     With ``G_lp = dL/dlog p``, ``G_l1 = dL/dlog(1 - p)``, ``c = w (t + b)``, ``a = w (1 + b)``,
     ``d = w (1 - t)``:
 

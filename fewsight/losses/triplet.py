@@ -12,8 +12,8 @@ Mining strategies:
   ``O(N·D + block²)``: the hardest indices are found under ``no_grad`` in ``block × block`` tiles of
   the distance matrix (running max / min), then ``d(a, p*)`` and ``d(a, n*)`` are recomputed with
   autograd from the gathered rows (the gradient of a max is the gradient at its argmax). With
-  ``block_size=None`` the tiles are 1024 wide (one dense tile up to 1024 known samples; on CPU
-  this tiling is also faster than one dense ``N × N`` tile at N = 4096); every tiling gives the
+  ``block_size=None`` the tiles are 1024 wide (one dense tile up to 1024 known samples; larger
+  batches are tiled, which keeps the working set in cache); every tiling gives the
   same result.
 * ``"batch_all"``: every valid triplet; the mean is over triplets with a positive loss (the
   "batch all +" of Hermans et al., also what pytorch-metric-learning's default

@@ -255,7 +255,7 @@ class DirectionalClassifier(nn.Module):
         if isinstance(raw, Tensor) and raw.ndim == 1 and raw.shape[0] != self.num_classes:
             self._resize(int(raw.shape[0]))
         if isinstance(raw, Tensor) and raw.ndim == 1 and prefix + "rivalry" not in state_dict:
-            # Files written before rivalry existed: no class has any.
+            # A state_dict without the rivalry buffer: no class has any.
             state_dict[prefix + "rivalry"] = raw.new_zeros(raw.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
