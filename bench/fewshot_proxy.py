@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fewsight.data import DigitsDataset
-from fewsight.train import load_detector
+from fewsight.hub import load_model
 
 
 def average_precision(positive: torch.Tensor, score: torch.Tensor) -> float:
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_detector(args.checkpoint).eval()
+    model = load_model(args.checkpoint).eval()
     if args.data == "digits":
         pool = embed_objects(model, DigitsDataset("train", 300, seed=100))
         tests = {"": DigitsDataset("test", args.num_images or 200, seed=1)}

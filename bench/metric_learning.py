@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewsight.train import EMBEDDER_LOSSES, train
+from fewsight.train import train
+from fewsight.train.embedder_config import EMBEDDER_LOSSES
 
 
 def main() -> None:

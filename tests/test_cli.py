@@ -11,7 +11,8 @@ import yaml
 
 from fewsight.cli import main
 from fewsight.data import DigitsDataset, export_dataset, save_image
-from fewsight.train import build_model, save_detector
+from fewsight.hub import save_model
+from fewsight.train import build_model
 from fewsight.train.config import ModelConfig
 from tests.train._tiny import TINY_MODEL, digits_split, tiny_config
 
@@ -22,7 +23,7 @@ COMMANDS = ["demo", "train", "eval", "predict", "export"]
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig("dldenet", None, {**TINY_MODEL, "embedding_dim": 8}), ["0", "1"])
-    return save_detector(model, tmp_path_factory.mktemp("model") / "model.pt")
+    return save_model(model, tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def _error_line(capsys, prefix: str) -> str:

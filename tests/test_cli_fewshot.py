@@ -10,7 +10,8 @@ import torch
 
 from fewsight.cli import main
 from fewsight.data import DigitsDataset, export_dataset, save_image
-from fewsight.train import build_model, load_detector, save_detector
+from fewsight.hub import load_model, save_model
+from fewsight.train import build_model
 from fewsight.train.config import ModelConfig
 from tests.train._tiny import TINY_MODEL
 from tests._helpers import one_thread  # noqa: F401  (autouse)
@@ -21,7 +22,7 @@ BASE = [str(d) for d in range(8)]
 def _save(tmp_path_factory, name: str, classes, **kw):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name, None, {**TINY_MODEL, **kw}), list(classes))
-    return save_detector(model, tmp_path_factory.mktemp(name) / "model.pt")
+    return save_model(model, tmp_path_factory.mktemp(name) / "model.pt")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,9 @@ def test_enroll_from_a_coco_folder(tmp_path, digits_model, capsys):
     assert main(["enroll", "--checkpoint", str(digits_model), "--support", str(ann), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "enrolled 8 (every box)" in text and "9 classes" in text and str(out) in text
-    model = load_detector(out)
+    model = load_model(out)
     assert model.classes == [*BASE, "8"] and model.num_classes == 9
-    base = load_detector(digits_model)
+    base = load_model(digits_model)
     torch.testing.assert_close(model.classifier.means[:8], base.classifier.means)  # base classes untouched
     torch.testing.assert_close(model.classifier.means[8].norm(), torch.tensor(1.0))
     meta = torch.load(out, weights_only=True)["metadata"]
@@ -88,7 +89,7 @@ def test_enroll_from_a_voc_folder_with_shots_and_named_classes(tmp_path, digits_
             "--seed", "3", "--out", str(out)]
     assert main(argv) == 0
     assert "enrolled 9 (1 per class)" in capsys.readouterr().out
-    assert load_detector(out).classes == [*BASE, "9"]
+    assert load_model(out).classes == [*BASE, "9"]
 
 
 def test_enroll_on_digits_with_shots(tmp_path, digits_model, capsys):
@@ -96,34 +97,34 @@ def test_enroll_on_digits_with_shots(tmp_path, digits_model, capsys):
     argv = ["enroll", "--checkpoint", str(digits_model), "--support", "digits", "--shots", "2", "--out", str(out)]
     assert main(argv) == 0
     assert "enrolled 8, 9 (2 per class)" in capsys.readouterr().out
-    model = load_detector(out)
+    model = load_model(out)
     assert model.classes == [*BASE, "8", "9"]
     meta = torch.load(out, weights_only=True)["metadata"]
     assert meta["shots"] == 2 and meta["seed"] == 0 and meta["support"] == "digits"
     # the same seed gives the same directions; another seed other ones
     again = tmp_path / "again.pt"
     assert main([*argv[:-1], str(again)]) == 0
-    torch.testing.assert_close(load_detector(again).classifier.means, model.classifier.means)
+    torch.testing.assert_close(load_model(again).classifier.means, model.classifier.means)
     other = tmp_path / "other.pt"
     assert main([*argv[:-2], "--seed", "1", "--out", str(other)]) == 0
-    assert not torch.allclose(load_detector(other).classifier.means[8:], model.classifier.means[8:])
+    assert not torch.allclose(load_model(other).classifier.means[8:], model.classifier.means[8:])
 
 
 def test_enroll_with_a_crop_embedder_then_predict(tmp_path, digits_model, capsys):
     from fewsight.fewshot import CropEmbedder, CropRescorer
 
     torch.manual_seed(0)
-    embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")
+    embedder = save_model(CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False), tmp_path / "emb.pt")
     out = tmp_path / "crops.pt"
     argv = ["enroll", "--checkpoint", str(digits_model), "--support", "digits", "--shots", "2",
             "--crop-embedder", str(embedder), "--out", str(out)]
     assert main(argv) == 0
-    model = load_detector(out)
+    model = load_model(out)
     assert isinstance(model, CropRescorer) and model.classes == [*BASE, "8", "9"] and model.num_base == len(BASE)
     assert model.prototypes.shape == (2, 8) and not model.training
     assert torch.load(out, weights_only=True)["metadata"]["crop_embedder"] == str(embedder)
     # The file rebuilds the same model: same detections on the same images.
-    again = load_detector(out)
+    again = load_model(out)
     images = [DigitsDataset("test", 2, seed=1)[i][0] for i in range(2)]
     with torch.no_grad():
         for a, b in zip(model(images), again(images)):
@@ -188,14 +189,14 @@ def test_bench_fewshot_writes_results_and_plot(tmp_path, digits_model, capsys):
     [run] = results["runs"]
     assert list(run["per_class_ap50"]) == [*BASE, "8", "9"]
     assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
-    assert load_detector(digits_model).classes == BASE  # the checkpoint file is not modified
+    assert load_model(digits_model).classes == BASE  # the checkpoint file is not modified
 
 
 def test_bench_fewshot_with_a_crop_embedder(tmp_path, digits_model, capsys):
     from fewsight.fewshot import CropEmbedder
 
     torch.manual_seed(0)
-    embedder = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False).save(tmp_path / "emb.pt")
+    embedder = save_model(CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False), tmp_path / "emb.pt")
     out = tmp_path / "bench"
     argv = ["bench", "fewshot", "--checkpoint", str(digits_model), "--crop-embedder", str(embedder), "--shots", "1",
             "--seeds", "1", "--num-images", "4", "--batch-size", "4", "--modes", "enroll", "finetune",
@@ -207,7 +208,7 @@ def test_bench_fewshot_with_a_crop_embedder(tmp_path, digits_model, capsys):
     assert 0.0 <= results["summary"][0]["novel_ap50"] <= 1.0
     torch.save({"format": "something else"}, tmp_path / "bad.pt")
     assert main([*argv[:4], "--crop-embedder", str(tmp_path / "bad.pt"), *argv[6:]]) == 1
-    assert "fewsight-crop-embedder-1" in capsys.readouterr().err
+    assert "bad.pt: not a fewsight model file" in capsys.readouterr().err
 
 
 def test_bench_fewshot_bad_inputs(tmp_path, retinanet_file, tmp_path_factory, capsys):

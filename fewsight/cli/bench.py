@@ -167,7 +167,7 @@ def _fewshot_emoji(args: argparse.Namespace) -> int:
         emoji_novel_subset,
         run_emoji_fewshot,
     )
-    from fewsight.train import load_detector
+    from fewsight.hub import load_model
 
     root = Path(args.emoji_root) if args.emoji_root is not None else DEFAULT_ROOT
     n = 50 if args.novel_classes is None else args.novel_classes
@@ -181,7 +181,7 @@ def _fewshot_emoji(args: argparse.Namespace) -> int:
         base = emoji_base_classes_of(model.classes, root)
     model = with_crop_embedder(model, args.crop_embedder)
     novel = emoji_novel_subset(root, n, seed=0)
-    reference = load_detector(args.reference) if args.reference is not None else None
+    reference = load_model(args.reference) if args.reference is not None else None
     if args.device is not None:
         device = parse_device(args.device)
         model.to(device)

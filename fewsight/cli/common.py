@@ -75,13 +75,16 @@ def parse_device(spec: str) -> Any:
 
 
 def load_dldenet(path: str) -> Any:
-    """The DLDENet (or crop-rescored DLDENet) in the detector file ``path``."""
+    """The DLDENet (or crop-rescored DLDENet) in the model file ``path``."""
     from fewsight.errors import InvalidArgumentError
-    from fewsight.train import load_detector
+    from fewsight.fewshot import CropRescorer
+    from fewsight.hub import load_model
+    from fewsight.models import DLDENet
 
-    model = load_detector(path)
-    if not hasattr(model, "enroll"):
-        raise InvalidArgumentError(f"--checkpoint: expected a DLDENet (the detector that enrolls classes), got {type(model).__name__}")
+    model = load_model(path)
+    if not isinstance(model, (DLDENet, CropRescorer)):
+        raise InvalidArgumentError(f"--checkpoint: expected a DLDENet (the detector that enrolls classes), got "
+                                   f"{type(model).__name__} in {path}")
     return model
 
 
@@ -90,8 +93,9 @@ def with_crop_embedder(model: Any, path: str | None) -> Any:
     if path is None:
         return model
     from fewsight.fewshot import CropEmbedder, CropRescorer
+    from fewsight.hub import load_model
 
-    return CropRescorer(model, CropEmbedder.load(path)).eval()
+    return CropRescorer(model, load_model(path, expect=CropEmbedder)).eval()
 
 
 def eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:

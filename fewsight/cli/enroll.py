@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fewsight.errors import InvalidArgumentError
     from fewsight.fewshot import enroll_from_dataset
-    from fewsight.train import save_detector
+    from fewsight.hub import save_model
 
     model = load_dldenet(args.checkpoint)
     if args.crop_embedder is not None and hasattr(model, "embedder"):
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     settings = enroll_settings(args)
     new = enroll_from_dataset(model, support, names, k=args.shots, seed=args.seed, settings=settings)
     added = [model.classes[i] for i in new]
-    save_detector(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
+    save_model(model, args.out, metadata={"enrolled": added, "support": str(args.support), "shots": args.shots,
                                              "seed": args.seed, "calibrate": settings.calibrate,
                                              "rivalry": settings.rivalry, "base_classes": before,
                                              "crop_embedder": args.crop_embedder})

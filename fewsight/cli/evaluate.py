@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
         description="Evaluate a detector file (model.pt or a training checkpoint) on a dataset and print / write "
         "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's.",
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     add_data_source(p, "--data", "a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, "
                     "or 'digits'")
     p.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
@@ -30,9 +30,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fewsight.errors import DataError
     from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
-    from fewsight.train import load_detector
+    from fewsight.hub import load_model
 
-    model = load_detector(args.checkpoint)
+    model = load_model(args.checkpoint)
     classes = list(model.classes)
     dataset = eval_dataset(args, classes)
     if len(dataset) == 0:

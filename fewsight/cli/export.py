@@ -14,7 +14,7 @@ def add_parser(sub: Any) -> None:
         help="export a detector's inference graph to ONNX",
         description="Export a detector file to ONNX (needs fewsight[onnx]).",
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     p.add_argument("--out", default="model.onnx", help="output .onnx file (default: model.onnx)")
     p.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
                    help="input image size of the exported graph (default 128 128)")
@@ -23,9 +23,9 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fewsight.models import export_onnx
-    from fewsight.train import load_detector
+    from fewsight.hub import load_model
 
-    model = load_detector(args.checkpoint)
+    model = load_model(args.checkpoint)
     info = export_onnx(model, args.out, image_size=tuple(args.image_size), opset=args.opset)
     h, w = args.image_size
     print(f"wrote {args.out} ({type(model).__name__}, input [B, 3, {h}, {w}], {len(info.classes)} classes)")

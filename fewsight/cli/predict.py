@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
         description="Run a detector on image files (or every image of a folder) and write OUT/<name>.png with the "
         "boxes drawn, OUT/<name>.json and OUT/predictions.json.",
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt from training / save_detector, or a .ckpt")
+    p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections at least this score (0.3)")
@@ -29,11 +29,11 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fewsight.data import load_image
     from fewsight.eval import detections_to_json, plot_detections, predict, write_json
-    from fewsight.train import load_detector
+    from fewsight.hub import load_model
 
     files = image_files(args.images)
     images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
-    model = load_detector(args.checkpoint)
+    model = load_model(args.checkpoint)
     classes = list(model.classes)
     predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out)

@@ -1,4 +1,4 @@
-"""Retrieval and open-set benchmark of a DLDENet's object embeddings (SPEC §5).
+"""Retrieval and open-set benchmark of a DLDENet's object embeddings.
 
 Every annotated object of a query set and of a gallery set is embedded (``embed_boxes`` of its box);
 Recall@k and MAP@R are measured separately for queries of classes the model was trained on and of

@@ -10,7 +10,7 @@
   — the k-shot protocols (novel / base AP50, mean ± 95% interval over seeds).
 """
 
-from fewsight.fewshot.crop_embedder import CROP_EMBEDDER_FORMAT, CropEmbedder
+from fewsight.fewshot.crop_embedder import CropEmbedder
 from fewsight.fewshot.digits import digits_fewshot_datasets
 from fewsight.fewshot.enroll import EnrollSettings, enroll, enroll_from_dataset, enroll_support
 from fewsight.fewshot.finetune import finetune
@@ -19,7 +19,6 @@ from fewsight.fewshot.rescorer import CropRescorer
 from fewsight.fewshot.support import SupportSet, sample_support
 
 __all__ = [
-    "CROP_EMBEDDER_FORMAT",
     "CropEmbedder",
     "CropRescorer",
     "EnrollSettings",

@@ -18,20 +18,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import CheckpointError, InvalidArgumentError, MissingDependencyError, ShapeError
+from fewsight.errors import InvalidArgumentError, MissingDependencyError, ShapeError
 from fewsight.models.crops import crop_boxes
 
-__all__ = ["CROP_EMBEDDER_FORMAT", "CropEmbedder"]
-
-CROP_EMBEDDER_FORMAT = "fewsight-crop-embedder-1"
+__all__ = ["CropEmbedder"]
 
 # ImageNet statistics of torchvision's MobileNetV2 weights.
 _MEAN = (0.485, 0.456, 0.406)
@@ -158,35 +155,16 @@ class CropEmbedder(nn.Module):
         self.white_mean = mean.detach().float().to(self.head.weight.device)
         self.white_proj = projection.detach().float().to(self.head.weight.device)
 
-    def save(self, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
-        """Write the configuration, every weight (whitening included) and ``metadata`` (plain values)
-        atomically; :meth:`load` reads it back."""
-        import io
+    spec_name = "crop_embedder"
 
-        from fewsight._io import atomic_write_bytes
-
-        buffer = io.BytesIO()
-        torch.save({"format": CROP_EMBEDDER_FORMAT, "config": dict(self.config),
-                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                    "metadata": dict(metadata or {})}, buffer)
-        return atomic_write_bytes(buffer.getvalue(), path)
+    def to_spec(self) -> dict[str, Any]:
+        """``{"name", "kwargs", "whitened_dim"}``: what rebuilds this network (see :mod:`fewsight.hub`)."""
+        return {"name": self.spec_name, "kwargs": dict(self.config), "whitened_dim": self.dim}
 
     @classmethod
-    def load(cls, path: str | Path) -> CropEmbedder:
-        """Rebuild a :meth:`save`'d embedder (CPU, eval mode); :class:`~fewsight.errors.CheckpointError`
-        naming the file when it is missing, truncated, not a torch file or not an embedder file."""
-        try:
-            ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for foreign or truncated bytes
-            raise CheckpointError(f"{path}: cannot read a crop embedder ({type(exc).__name__}: {exc})"[:500]) from exc
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CROP_EMBEDDER_FORMAT:
-            got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise CheckpointError(f"{path}: expected a {CROP_EMBEDDER_FORMAT!r} file (CropEmbedder.save), got {got!r}")
-        try:
-            net = cls(**ckpt["config"], pretrained=False)
-            state = ckpt["state_dict"]
-            net.white_proj = torch.empty_like(state["white_proj"])
-            net.load_state_dict(state, strict=True)
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: the crop embedder file is inconsistent ({type(exc).__name__}: {exc})"[:500]) from exc
-        return net.eval()
+    def from_spec(cls, spec: Mapping[str, Any], children: Mapping[str, nn.Module] | None = None) -> CropEmbedder:
+        """The untrained network ``spec`` describes, whitening buffers sized to hold the saved ones."""
+        net = cls(**dict(spec.get("kwargs") or {}), pretrained=False)
+        dim = int(spec.get("whitened_dim", net.head.out_features))
+        net.white_proj = torch.zeros(dim, net.head.out_features)
+        return net

@@ -1,4 +1,4 @@
-"""The few-shot detection benchmark on emoji-logos (SPEC §5–§6): enroll from Google, test in both styles.
+"""The few-shot detection benchmark on emoji-logos: enroll from Google, test in both styles.
 
 A DLDENet trained on the 956 emoji base classes in both styles (``configs/emoji_base.yaml``) gets a
 seeded subset of the novel classes (:func:`emoji_novel_subset`, 50 by default) from ``k`` boxed

@@ -1,4 +1,4 @@
-"""The few-shot protocol (SPEC §5): k-shot support sets, enrollment (+ optional fine-tuning), novel / base AP50.
+"""The few-shot protocol: k-shot support sets, enrollment (+ optional fine-tuning), novel / base AP50.
 
 A detector trained on base classes gets novel classes from ``k`` boxed examples each:
 

@@ -108,6 +108,26 @@ class CropRescorer(nn.Module):
         self.register_buffer("thresholds", torch.zeros(0))
         self.register_buffer("scales", torch.zeros(0))
 
+    spec_name = "crop_rescorer"
+
+    def to_spec(self) -> dict[str, Any]:
+        """``{"name", "kwargs", "classes", "enrolled", "children": {"detector", "embedder"}}`` (see :mod:`fewsight.hub`)."""
+        return {"name": self.spec_name, "kwargs": self.settings(), "classes": self.classes,
+                "enrolled": list(self.enrolled),
+                "children": {"detector": self.detector.to_spec(), "embedder": self.embedder.to_spec()}}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], children: Mapping[str, nn.Module]) -> CropRescorer:
+        """The wrapper ``spec`` describes around the rebuilt ``children``, its buffers sized for the
+        enrolled classes (their values come from the state dict that follows)."""
+        model = cls(children["detector"], children["embedder"], **dict(spec.get("kwargs") or {}))
+        model.enrolled = [str(n) for n in spec.get("enrolled") or []]
+        n = len(model.enrolled)
+        model.prototypes = torch.zeros(n, model.embedder.dim)
+        model.thresholds = torch.zeros(n)
+        model.scales = torch.zeros(n)
+        return model
+
     def settings(self) -> dict[str, Any]:
         """The candidate-selection arguments of the constructor (what a saved file records)."""
         return {"proposal_threshold": self.proposal_threshold, "proposals_per_image": self.proposals_per_image,

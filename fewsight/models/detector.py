@@ -14,6 +14,7 @@ the model; resizing (``min_size`` / ``max_size`` / ``image_size``) is internal.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from fewsight.losses.box import BOX_LOSSES
 from fewsight.models.assignment import AnchorAssigner, AnchorAssignment, detection_box_loss, prepare_targets
 from fewsight.models.backbones import build_backbone
 from fewsight.models.postprocess import DetectionPostprocess, _check_count
+from fewsight.models.spec import Described
 from fewsight.models.transform import DetectionTransform, ImageBatch
 
 __all__ = ["DenseDetector", "HeadOutput"]
@@ -77,7 +79,17 @@ def _build_components(owner: str, given: dict[str, Any], options: dict[str, Any]
     return out
 
 
-class DenseDetector(nn.Module):
+def _geometry(name: str, cls: type, value: Any) -> Any:
+    """A geometry object given as itself or as a mapping of its arguments (as YAML gives it)."""
+    if not isinstance(value, Mapping):
+        return value
+    try:
+        return cls(**value)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"{name}: expected arguments of {cls.__name__}, got {dict(value)} ({exc})") from None
+
+
+class DenseDetector(Described, nn.Module):
     """Base of the one-stage detectors: backbone + FPN, anchors, batching, dispatch, class names.
 
     Subclasses build ``self.head`` (a module mapping the list of level features to a dict of
@@ -102,6 +114,23 @@ class DenseDetector(nn.Module):
     """
 
     default_loss_weights: dict[str, float] = {}
+
+    @classmethod
+    def argument_names(cls) -> tuple[str, ...]:
+        """Every keyword the constructor takes: each class's own along the chain of constructors that
+        pass ``**kwargs`` on, then the components' plain options (what a config may set)."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(inspect.unwrap(init)).parameters.items()
+            names += [n for n, p in params if n not in ("self", "num_classes")
+                      and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+            if klass is DenseDetector:
+                break
+        names += [key for _, keys in _COMPONENT_OPTIONS.values() for key in keys]
+        return tuple(dict.fromkeys(names))
     #: Defaults of the components' plain options that differ from the components' own.
     default_options: dict[str, Any] = {}
 
@@ -116,8 +145,8 @@ class DenseDetector(nn.Module):
         frozen_bn: bool = False,
         trainable_layers: int | None = None,
         p6_from: str = "p5",
-        anchor_generator: AnchorGenerator | None = None,
-        coder: BoxCoder | None = None,
+        anchor_generator: AnchorGenerator | Mapping[str, Any] | None = None,
+        coder: BoxCoder | Mapping[str, Any] | None = None,
         transform: DetectionTransform | None = None,
         assigner: AnchorAssigner | None = None,
         postprocessor: DetectionPostprocess | None = None,
@@ -171,6 +200,8 @@ class DenseDetector(nn.Module):
         self.levels = levels
         self.in_channels = int(self.backbone.out_channels)
 
+        anchor_generator = _geometry("anchor_generator", AnchorGenerator, anchor_generator)
+        coder = _geometry("coder", BoxCoder, coder)
         if anchor_generator is None:
             anchor_generator = AnchorGenerator(levels=levels)
         elif tuple(anchor_generator.levels) != levels:

@@ -94,6 +94,8 @@ class DLDENet(DenseDetector):
     different number of classes resizes the model.
     """
 
+    spec_name = "dldenet"
+
     default_loss_weights = {"classification": 1.0, "box_regression": 1.0, "ccs": 1.0, "dispersion": 0.0}
 
     def __init__(

@@ -118,6 +118,8 @@ class RetinaNet(DenseDetector):
         ``targets``: list of ``{"boxes": Tensor[N, 4], "labels": Long[N]}`` or ``Tensor[B, M, 5]``.
     """
 
+    spec_name = "retinanet"
+
     default_loss_weights = {"classification": 1.0, "box_regression": 1.0}
 
     def __init__(

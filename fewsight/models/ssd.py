@@ -360,6 +360,8 @@ class SSD(DenseDetector):
         in the input images' coordinates, labels in ``0 .. C-1``.
     """
 
+    spec_name = "ssd"
+
     default_loss_weights = {"classification": 1.0, "box_regression": 1.0}
     default_options = {
         "image_size": (300, 300),

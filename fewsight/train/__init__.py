@@ -8,8 +8,7 @@
 * :class:`DetectorModule` / :class:`EmbedderModule` — the LightningModules.
 * :class:`TrainConfig`, :class:`EmbedderTrainConfig` and friends; :func:`load_config` reads either by
   the file's ``task`` (unknown keys -> ``ConfigError``).
-* :func:`save_detector` / :func:`load_detector` — self-contained model files;
-  :func:`load_checkpoint_file` — ``weights_only=True`` loading with clear ``CheckpointError``.
+* Model files (``model.pt``, ``embedder.pt``) are written and read by :mod:`fewsight.hub`.
 
 Example:
     >>> cfg = load_config({"data": {"train": {"type": "digits", "num_images": 4}}, "model": {"name": "retinanet"}})
@@ -20,28 +19,9 @@ Example:
 from collections.abc import Sequence
 from typing import Any
 
-from fewsight.train.builders import (
-    MODEL_CLASSES,
-    build_dataset,
-    build_datasets,
-    build_model,
-    dataset_class,
-    model_class,
-    model_spec,
-    set_model_spec,
-)
-from fewsight.train.checkpoint import (
-    DETECTOR_FORMAT,
-    AtomicCheckpointIO,
-    load_checkpoint_file,
-    load_detector,
-    save_detector,
-)
+from fewsight.train.builders import build_dataset, build_datasets, build_model
+from fewsight.train.checkpoint import AtomicCheckpointIO
 from fewsight.train.config import (
-    DATASET_TYPES,
-    MODEL_NAMES,
-    PRECISIONS,
-    TASKS,
     CheckpointConfig,
     DataConfig,
     DatasetConfig,
@@ -57,80 +37,46 @@ from fewsight.train.config import (
     read_config_mapping,
     save_config,
 )
-from fewsight.train.config import load_config as load_detector_config
 from fewsight.train.demo import DEMO_CONFIG, run_demo
-from fewsight.train.data import DetectionDataModule, EpochSampler, SeededDataset, sample_seed
-from fewsight.train.embedder import EmbedderModule, EmbeddingObjective, build_objective, train_embedder
+from fewsight.train.embedder import EmbedderModule, train_embedder
 from fewsight.train.embedder_config import (
-    EMBEDDER_DATA_TYPES,
-    EMBEDDER_LOSSES,
     EmbedderDataConfig,
     EmbedderLossConfig,
     EmbedderModelConfig,
     EmbedderTrainConfig,
     embedder_config_from_dict,
 )
-from fewsight.train.embedder_data import EmbedderDataModule, build_embedder_data
-from fewsight.train.loop import EpochSeed, TrainResult, build_trainer, train_detector
-from fewsight.train.module import DetectorModule, lr_factor, parameter_groups
+from fewsight.train.loop import TrainResult, train_detector
+from fewsight.train.module import DetectorModule
 
 __all__ = [
-    "DATASET_TYPES",
-    "EMBEDDER_DATA_TYPES",
-    "EMBEDDER_LOSSES",
-    "TASKS",
     "DEMO_CONFIG",
-    "DETECTOR_FORMAT",
-    "MODEL_CLASSES",
-    "MODEL_NAMES",
-    "PRECISIONS",
     "AtomicCheckpointIO",
     "CheckpointConfig",
     "DataConfig",
     "DatasetConfig",
-    "DetectionDataModule",
     "DetectorModule",
     "EmbedderDataConfig",
-    "EmbedderDataModule",
     "EmbedderLossConfig",
     "EmbedderModelConfig",
     "EmbedderModule",
     "EmbedderTrainConfig",
-    "EmbeddingObjective",
-    "EpochSampler",
-    "EpochSeed",
     "EvalConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
-    "SeededDataset",
     "TrainConfig",
     "TrainResult",
     "TrainerConfig",
     "apply_overrides",
     "build_dataset",
     "build_datasets",
-    "build_embedder_data",
     "build_model",
-    "build_objective",
-    "build_trainer",
     "config_from_dict",
     "config_to_dict",
-    "dataset_class",
-    "embedder_config_from_dict",
-    "load_checkpoint_file",
     "load_config",
-    "load_detector_config",
-    "load_detector",
-    "lr_factor",
-    "model_class",
-    "model_spec",
-    "parameter_groups",
     "run_demo",
-    "sample_seed",
     "save_config",
-    "save_detector",
-    "set_model_spec",
     "train",
     "train_detector",
     "train_embedder",

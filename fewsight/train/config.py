@@ -15,12 +15,12 @@ A config file mirrors :class:`TrainConfig`::
     trainer: {max_epochs: 6, precision: "32", gradient_clip_val: 10.0}
     checkpoint: {resume: false}
 
-* ``data.train`` / ``data.val`` / ``data.test``: ``type`` is one of :data:`DATASET_TYPES` and every
+* ``data.train`` / ``data.val`` / ``data.test``: ``type`` is one of :data:`fewsight.data.FORMATS` and every
   other key is an argument of that dataset class (``digits`` ->
   :class:`~fewsight.data.DigitsDataset`, ``emoji`` -> :class:`~fewsight.data.EmojiLogosDataset`,
   ``coco`` -> :class:`~fewsight.data.COCODataset`, ``voc``, ``yolo``, ``csv``). Relative paths are
   relative to the current working directory.
-* ``model``: ``name`` is one of :data:`MODEL_NAMES`; ``num_classes`` defaults to the training
+* ``model``: ``name`` is a detector of :data:`fewsight.hub.MODELS`; ``num_classes`` defaults to the training
   set's class count; every other key is a keyword argument of the model's constructor.
 * Everything else is a field of the dataclasses below.
 
@@ -58,11 +58,10 @@ from typing import Any, Union
 
 import yaml
 
+from fewsight.data.formats import FORMATS, get_format
 from fewsight.errors import ConfigError
 
 __all__ = [
-    "DATASET_TYPES",
-    "MODEL_NAMES",
     "PRECISIONS",
     "TASKS",
     "CheckpointConfig",
@@ -83,8 +82,6 @@ __all__ = [
     "validate_run",
 ]
 
-DATASET_TYPES = ("digits", "emoji", "coco", "voc", "yolo", "csv")
-MODEL_NAMES = ("dldenet", "retinanet", "ssd")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -94,7 +91,7 @@ TASKS = ("detector", "embedder")
 
 @dataclass
 class DatasetConfig:
-    """One split: ``type`` (see :data:`DATASET_TYPES`) and the dataset class's keyword arguments."""
+    """One split: ``type`` (see :data:`fewsight.data.FORMATS`) and the dataset class's keyword arguments."""
 
     type: str = "digits"
     args: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +113,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """``name`` (see :data:`MODEL_NAMES`), ``num_classes`` (default: the training set's) and the
+    """``name`` (a detector of :data:`fewsight.hub.MODELS`), ``num_classes`` (default: the training set's) and the
     constructor's other keyword arguments in ``kwargs`` (flat in YAML)."""
 
     name: str = "dldenet"
@@ -292,7 +289,7 @@ def _from_dict(cls: Any, data: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     if cls is DatasetConfig:
         if "type" not in data:
-            raise ConfigError(f"{where}: missing 'type'; expected one of {list(DATASET_TYPES)}")
+            raise ConfigError(f"{where}: missing 'type'; expected one of {list(FORMATS)}")
         return DatasetConfig(type=_coerce(data.pop("type"), str, f"{prefix}type"), args=data)
     if cls is ModelConfig:
         name = _coerce(data.pop("name", "dldenet"), str, f"{prefix}name")
@@ -442,14 +439,15 @@ def check_kwargs(where: str, fn: Any, kwargs: Mapping[str, Any], reserved: Seque
 
 
 def _validate(cfg: TrainConfig) -> None:
-    from fewsight.train.builders import dataset_class, model_class  # late: avoids importing torchvision early
+    from fewsight.hub import MODELS  # late: the models import torchvision
+    from fewsight.models import DenseDetector
 
     for split in ("train", "val", "test"):
         ds = getattr(cfg.data, split)
         if ds is None:
             continue
-        _choice(f"data.{split}.type", ds.type, DATASET_TYPES)
-        check_kwargs(f"data.{split}", dataset_class(ds.type), ds.args, reserved=("transforms",))
+        _choice(f"data.{split}.type", ds.type, FORMATS)
+        check_kwargs(f"data.{split}", get_format(ds.type).dataset_class, ds.args, reserved=("transforms",))
     _positive("data.batch_size", cfg.data.batch_size)
     if cfg.data.val_batch_size is not None:
         _positive("data.val_batch_size", cfg.data.val_batch_size)
@@ -459,12 +457,15 @@ def _validate(cfg: TrainConfig) -> None:
 
         check_kwargs("data.augment", train_transforms, cfg.data.augment)
 
-    _choice("model.name", cfg.model.name.lower(), MODEL_NAMES)
+    detectors = [name for name, cls in MODELS.items() if issubclass(cls, DenseDetector)]
+    _choice("model.name", cfg.model.name.lower(), tuple(detectors))
     if cfg.model.num_classes is not None:
         _positive("model.num_classes", cfg.model.num_classes)
-    cls = model_class(cfg.model.name, required=False)
-    if cls is not None:
-        check_kwargs("model", cls, cfg.model.kwargs, reserved=("num_classes",))
+    cls = MODELS[cfg.model.name.lower()]
+    accepted = [n for n in cls.argument_names() if n != "class_names"]  # type: ignore[attr-defined]
+    for key in cfg.model.kwargs:
+        if key not in accepted:
+            raise ConfigError(f"model.{key}: unknown argument of {cls.__name__}; expected one of {accepted}")
 
     validate_run(cfg)
     _positive("eval.plot_images", cfg.eval.plot_images, 0)

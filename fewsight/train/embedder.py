@@ -12,7 +12,7 @@
   clipping, progress bar, logs, seeds, DDP) and :func:`~fewsight.train.loop.fit`; then, on global rank
   0, the learned whitening (:func:`fewsight.retrieval.learn_whitening`) fitted on augmented epochs of
   the training classes in every domain (embedded as every reader will: with the model's test-time
-  augmentation), the file ``OUT/embedder.pt`` (:meth:`CropEmbedder.save`) and ``OUT/metrics.json``
+  augmentation), the file ``OUT/embedder.pt`` (:func:`fewsight.hub.save_model`) and ``OUT/metrics.json``
   (test retrieval before / after whitening, and with CSLS against the whitened training views of the
   query domain).
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from fewsight.eval.embedding import embed_dataset, retrieval_metrics
 from fewsight.eval.io import write_json
 from fewsight.fewshot import CropEmbedder
+from fewsight.hub import save_model
 from fewsight.losses import ArcFaceLoss, CCSLoss, CenterLoss, CircleLoss, CosFaceLoss, TripletLoss
 from fewsight.retrieval import Whitening, learn_whitening
 from fewsight.train.config import OptimizerConfig, ScheduleConfig
@@ -161,7 +162,7 @@ class EmbedderModule(L.LightningModule):
         ks: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
-        self.embedder, self.objective = embedder, objective
+        self.model, self.objective = embedder, objective
         self.optimizer_config = optimizer or OptimizerConfig(name="adamw", lr=2e-3, weight_decay=5e-4)
         self.schedule_config = schedule or ScheduleConfig()
         self.param_lr_mult, self.ks = float(param_lr_mult), [int(k) for k in ks]
@@ -169,7 +170,7 @@ class EmbedderModule(L.LightningModule):
         self._val: list[tuple[Tensor, Tensor, Tensor]] = []
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
-            "embedder": dict(embedder.config),
+            "model_spec": embedder.to_spec(),
             "optimizer": _plain(dataclasses.asdict(self.optimizer_config)),
             "schedule": _plain(dataclasses.asdict(self.schedule_config)),
             "param_lr_mult": self.param_lr_mult,
@@ -177,11 +178,11 @@ class EmbedderModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Faster convolutions on CPU and GPU alike; values are unchanged.
-        self.embedder.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, _ = batch
-        e = self.embedder.head_embeddings(images.contiguous(memory_format=torch.channels_last))
+        e = self.model.head_embeddings(images.contiguous(memory_format=torch.channels_last))
         losses = self.objective(e, labels)
         total = torch.stack([v.float() for v in losses.values()]).sum()
         n = len(labels)
@@ -195,7 +196,7 @@ class EmbedderModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels, domains = batch
-        e = F.normalize(self.embedder.head_embeddings(images.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+        e = F.normalize(self.model.head_embeddings(images.contiguous(memory_format=torch.channels_last)).float(), dim=1)
         self._val.append((e.cpu(), labels.cpu(), domains.cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -213,7 +214,7 @@ class EmbedderModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_config
-        groups = parameter_groups(self.embedder, cfg.weight_decay, cfg.norm_weight_decay)
+        groups = parameter_groups(self.model, cfg.weight_decay, cfg.norm_weight_decay)
         extra = [p for p in self.objective.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0, "lr": cfg.lr * self.param_lr_mult})
@@ -279,7 +280,7 @@ def train_embedder(
         save_embedder_config(cfg, out_dir / "config.yaml")
     fit(trainer, module, datamodule, ckpt_path)
 
-    embedder = module.embedder.to(memory_format=torch.contiguous_format).eval()
+    embedder = module.model.to(memory_format=torch.contiguous_format).eval()
     result = TrainResult(model=embedder, out_dir=out_dir, val_metrics=module.last_val_metrics)
     result.last_checkpoint, result.best_checkpoint = checkpoint_paths(trainer, cfg.checkpoint.monitor)
     if not trainer.is_global_zero:
@@ -297,7 +298,7 @@ def train_embedder(
         metrics["whitening"] = {"views": len(views), "epochs": cfg.whitening.epochs, "shrink": cfg.whitening.shrink}
     meta = {"task": "embedder", "loss": cfg.loss.name, "seed": cfg.seed, "epochs": trainer.current_epoch,
             "train_classes": list(map(str, data.train.classes)), "whitened": cfg.whitening.enabled}
-    result.model_path = embedder.save(out_dir / "embedder.pt", metadata=meta)
+    result.model_path = save_model(embedder, out_dir / "embedder.pt", metadata=meta)
     if data.test is not None and evaluate:
         ks = cfg.eval.ks
         metrics["test"] = {"cosine": domain_retrieval(test_e, test_y, test_d, ks)}

@@ -62,8 +62,8 @@ from typing import Any
 import yaml
 
 from fewsight.errors import ConfigError
+from fewsight.data.formats import FORMATS, get_format
 from fewsight.train.config import (
-    DATASET_TYPES,
     CheckpointConfig,
     DatasetConfig,
     OptimizerConfig,
@@ -253,10 +253,8 @@ def _validate(cfg: EmbedderTrainConfig) -> None:
     if d.type == "crops":
         if d.dataset is None:
             raise ConfigError("data.dataset: expected a detection dataset ({type: ..., ...}) for data.type 'crops', got none")
-        from fewsight.train.builders import dataset_class
-
-        _choice("data.dataset.type", d.dataset.type, DATASET_TYPES)
-        check_kwargs("data.dataset", dataset_class(d.dataset.type), d.dataset.args, reserved=("transforms",))
+        _choice("data.dataset.type", d.dataset.type, FORMATS)
+        check_kwargs("data.dataset", get_format(d.dataset.type).dataset_class, d.dataset.args, reserved=("transforms",))
     elif d.dataset is not None:
         raise ConfigError(f"data.dataset: only for data.type 'crops', got data.type {d.type!r}")
     if d.type == "image_folder" and not d.root:

@@ -13,7 +13,7 @@ Detector outputs under ``config.out_dir``::
     checkpoints/last.ckpt       the latest (what ``checkpoint.resume: true`` continues from)
     checkpoints/best.ckpt       the best by ``checkpoint.monitor`` (``val/map50``), when there is a val set
     logs/metrics.csv            every logged value (TensorBoard too with ``trainer.loggers: [csv, tensorboard]``)
-    model.pt                    the final detector (:func:`~fewsight.train.save_detector`)
+    model.pt                    the final detector (:func:`fewsight.hub.save_model`)
     metrics.json                evaluation of the final model on ``data.test`` (else ``data.val``)
     detections.png, pr_curve.png
 
@@ -54,8 +54,9 @@ from fewsight.errors import CheckpointError, ConfigError, MissingDependencyError
 from fewsight.eval.evaluate import evaluate_model
 from fewsight.eval.io import write_json
 from fewsight.eval.plots import plot_detection_grid, plot_precision_recall
-from fewsight.train.builders import build_datasets, build_model, model_spec
-from fewsight.train.checkpoint import AtomicCheckpointIO, save_detector
+from fewsight.hub import save_model
+from fewsight.train.builders import build_datasets, build_model
+from fewsight.train.checkpoint import AtomicCheckpointIO
 from fewsight.train.config import TrainConfig, load_config, save_config
 from fewsight.train.data import DetectionDataModule, sample_seed
 from fewsight.train.module import DetectorModule
@@ -265,7 +266,7 @@ def train_detector(
 
     train_set, val_set, test_set = build_datasets(cfg.data)
     model = build_model(cfg.model, train_set.classes)
-    spec = model_spec(model)
+    spec = model.to_spec()
     module = DetectorModule(
         model, optimizer=cfg.optimizer, schedule=cfg.schedule, class_names=list(train_set.classes), model_spec=spec
     )
@@ -287,7 +288,7 @@ def train_detector(
     if not trainer.is_global_zero:
         return result
 
-    result.model_path = save_detector(module.model, out_dir / "model.pt", spec=spec, metadata={"epochs": trainer.current_epoch})
+    result.model_path = save_model(module.model, out_dir / "model.pt", metadata={"epochs": trainer.current_epoch})
     train_seconds = time.perf_counter() - start
     if evaluate and (test_set is not None or val_set is not None):
         eval_set = test_set if test_set is not None else val_set

@@ -98,8 +98,8 @@ class DetectorModule(L.LightningModule):
         schedule: :class:`~fewsight.train.config.ScheduleConfig` or its dict.
         class_names: names for per-class metrics (default ``model.classes``).
         model_spec: how to rebuild ``model`` (stored in the checkpoint's hyper-parameters so
-            :func:`~fewsight.train.load_detector` can read a training checkpoint); default
-            :func:`~fewsight.train.model_spec` when it can tell.
+            :func:`fewsight.hub.load_model` can read a training checkpoint); default
+            ``model.to_spec()`` when the model describes itself.
     """
 
     def __init__(
@@ -119,13 +119,8 @@ class DetectorModule(L.LightningModule):
         self.schedule_config: ScheduleConfig = _as_config(ScheduleConfig, schedule, "schedule")
         names = class_names if class_names is not None else getattr(model, "classes", None)
         self.class_names = None if names is None else [str(c) for c in names]
-        if model_spec is None:
-            from fewsight.train.builders import model_spec as _spec
-
-            try:
-                model_spec = _spec(model)
-            except InvalidArgumentError:
-                model_spec = None
+        if model_spec is None and callable(getattr(model, "to_spec", None)):
+            model_spec = model.to_spec()
         self.evaluator = DetectionEvaluator(self.class_names)
         self.last_val_metrics: dict[str, Any] | None = None
         self._means_epoch = -1

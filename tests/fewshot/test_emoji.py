@@ -24,7 +24,8 @@ from fewsight.fewshot.emoji import (
     evaluate_reference,
     run_emoji_fewshot,
 )
-from fewsight.train import build_model, load_detector, save_detector
+from fewsight.hub import load_model, save_model
+from fewsight.train import build_model
 from fewsight.train.config import ModelConfig
 from tests._helpers import one_thread  # noqa: F401  (autouse)
 from tests._fake_emoji import write_fake_emoji
@@ -152,7 +153,7 @@ def test_classes_without_ground_truth_are_left_out_of_ap50():
 def _save(tmp_path_factory, name: str, classes) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelConfig("dldenet", None, {**TINY_MODEL, "embedding_dim": 8}), list(classes))
-    return save_detector(model, tmp_path_factory.mktemp(name) / "model.pt")
+    return save_model(model, tmp_path_factory.mktemp(name) / "model.pt")
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +169,9 @@ def reference_model(tmp_path_factory, root, catalog):
 def test_library_checks_the_model_and_reference_classes(root, base_model, reference_model):
     data = _data(root, emoji_novel_subset(root, 3, seed=0))
     with pytest.raises(InvalidArgumentError, match="reference: expected a detector over the 3 novel classes"):
-        evaluate_reference(load_detector(reference_model), data)  # trained on 2 of them
+        evaluate_reference(load_model(reference_model), data)  # trained on 2 of them
     with pytest.raises(InvalidArgumentError, match="emoji base classes"):
-        run_emoji_fewshot(load_detector(reference_model), data)
+        run_emoji_fewshot(load_model(reference_model), data)
 
 
 def _error_line(capsys) -> str:
@@ -210,7 +211,7 @@ def test_bench_fewshot_emoji_end_to_end(tmp_path, root, catalog, base_model, ref
         for run in part["runs"]:  # per-class AP50 of classes with ground truth only
             assert set(run["per_class_ap50"]) <= {*novel, *results["test_base"]}
         assert (out / f"fewshot_{style}.png").read_bytes()[:4] == b"\x89PNG"
-    assert load_detector(base_model).classes == [catalog.names[i] for i in catalog.base]  # file untouched
+    assert load_model(base_model).classes == [catalog.names[i] for i in catalog.base]  # file untouched
 
 
 def test_bench_fewshot_emoji_without_reference(tmp_path, root, base_model, capsys):

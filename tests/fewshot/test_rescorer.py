@@ -7,6 +7,7 @@ import torchvision
 
 from fewsight.errors import CheckpointError, InvalidArgumentError, LabelError, ShapeError
 from fewsight.fewshot import CropEmbedder, CropRescorer, finetune
+from fewsight.hub import load_model, save_model
 from fewsight.models import DLDENet, crop_boxes
 from fewsight.fewshot.rescorer import _first_per_image
 from fewsight.retrieval import Whitening
@@ -62,34 +63,21 @@ def test_embedder_whitening_is_the_retrieval_whitening_map():
         net.set_whitening(w.mean[:3], w.projection)
 
 
-def test_embedder_save_load_round_trip(tmp_path):
-    net = tiny_embedder()
-    net.set_whitening(torch.full((8,), 0.1), torch.randn(5, 8))
-    path = net.save(tmp_path / "emb.pt")
-    back = CropEmbedder.load(path)
-    assert back.config == net.config and not back.training
-    with torch.no_grad():
-        torch.testing.assert_close(back(_images(), BOXES), net(_images(), BOXES))
-    torch.save({"format": "other"}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match="fewsight-crop-embedder"):
-        CropEmbedder.load(tmp_path / "bad.pt")
-
-
 def test_embedder_load_names_the_file_for_bad_files(tmp_path):
-    good = tiny_embedder().save(tmp_path / "emb.pt")
+    good = save_model(tiny_embedder(), tmp_path / "emb.pt")
     data = good.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.pt").write_text("not a torch file")
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "state.pt")  # a bare state dict
     for name in ("cut.pt", "text.pt", "state.pt", "missing.pt"):
         with pytest.raises(CheckpointError, match=name):
-            CropEmbedder.load(tmp_path / name)
+            load_model(tmp_path / name, expect=CropEmbedder)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic save leaves no temporary file
 
 
 def test_embedder_tta_is_saved_and_averages_scales(tmp_path):
     net = tiny_embedder(tta_scales=(1.0, 0.5))
-    back = CropEmbedder.load(net.save(tmp_path / "tta.pt"))
+    back = load_model(save_model(net, tmp_path / "tta.pt"))
     assert back.config["tta_scales"] == [1.0, 0.5]
     crops = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

@@ -13,9 +13,9 @@ from fewsight.train import (
     config_from_dict,
     config_to_dict,
     load_config,
-    lr_factor,
     save_config,
 )
+from fewsight.train.module import lr_factor
 from fewsight.train.config import ScheduleConfig
 from fewsight.train.demo import DEMO_CONFIG
 

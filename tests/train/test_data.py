@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fewsight.errors import InvalidArgumentError
-from fewsight.train import EpochSampler, SeededDataset, sample_seed
+from fewsight.train.data import EpochSampler, SeededDataset, sample_seed
 
 
 def _decode(sampler, n):

@@ -12,17 +12,11 @@ import yaml
 from fewsight.errors import ConfigError
 from fewsight.eval.embedding import evaluate_embedder, retrieval_metrics
 from fewsight.fewshot import CropEmbedder
+from fewsight.hub import load_model
 from fewsight.retrieval import csls_similarity
-from fewsight.train import (
-    EMBEDDER_LOSSES,
-    EmbedderModule,
-    EmbedderTrainConfig,
-    TrainConfig,
-    build_objective,
-    load_config,
-    train,
-)
-from fewsight.train.embedder_config import EmbedderLossConfig
+from fewsight.train import EmbedderModule, EmbedderTrainConfig, TrainConfig, load_config, train
+from fewsight.train.embedder import build_objective
+from fewsight.train.embedder_config import EMBEDDER_LOSSES, EmbedderLossConfig
 from tests._fake_emoji import write_fake_emoji
 
 TINY_MODEL = {"dim": 8, "grid": 1, "blocks": 4, "pretrained": False}
@@ -53,7 +47,7 @@ def emoji_config(out_dir, root, *, epochs=2, **extra):
 def test_emoji_end_to_end_writes_a_whitened_embedder_and_metrics(tmp_path, emoji_root):
     result = train(emoji_config(tmp_path / "run", emoji_root))
     out = tmp_path / "run"
-    embedder = CropEmbedder.load(out / "embedder.pt")
+    embedder = load_model(out / "embedder.pt")
     assert embedder.has_whitening and embedder.config["crop_size"] == 32 and embedder.config["tta_scales"] == [1.0, 0.8]
     assert result.model_path == out / "embedder.pt" and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "logs" / "metrics.csv").is_file()
@@ -82,8 +76,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, emoji_root):
     resumed = emoji_config(tmp_path / "cut", emoji_root, **extra)
     resumed["checkpoint"] = {"resume": True}
     train(resumed)
-    a = CropEmbedder.load(tmp_path / "full" / "embedder.pt").state_dict()
-    b = CropEmbedder.load(tmp_path / "cut" / "embedder.pt").state_dict()
+    a = load_model(tmp_path / "full" / "embedder.pt").state_dict()
+    b = load_model(tmp_path / "cut" / "embedder.pt").state_dict()
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -101,7 +95,7 @@ def test_crops_of_a_detection_dataset_train_without_domains(tmp_path):
     }
     result = train(cfg)
     assert result.metrics["test"]["cosine"]["protocol"] == "leave-one-out"
-    assert CropEmbedder.load(result.model_path).has_whitening
+    assert load_model(result.model_path).has_whitening
 
 
 def test_config_types_and_errors(tmp_path):

@@ -14,8 +14,9 @@ from fewsight.data import EmojiLogosDataset, emoji_classes
 from fewsight.errors import ConfigError
 from fewsight.fewshot.emoji import emoji_base_subset, emoji_novel_subset
 from fewsight.train import train
+from fewsight.data import FORMATS
 from fewsight.train.builders import build_datasets, dataset_class
-from fewsight.train.config import DATASET_TYPES, load_config
+from fewsight.train.config import load_config
 from tests._helpers import one_thread  # noqa: F401  (autouse)
 from tests._fake_emoji import write_fake_emoji
 from tests.train._tiny import tiny_config
@@ -36,7 +37,7 @@ def _emoji_split(root: Path, split: str, n: int, classes="base") -> dict:
 
 
 def test_emoji_is_a_dataset_type():
-    assert "emoji" in DATASET_TYPES and dataset_class("emoji") is EmojiLogosDataset
+    assert "emoji" in FORMATS and dataset_class("emoji") is EmojiLogosDataset
 
 
 def test_both_recipes_validate_and_differ_only_in_classes_and_out_dir():

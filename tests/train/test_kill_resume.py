@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from fewsight.data import DigitsDataset, export_dataset
-from fewsight.train import load_detector
+from fewsight.hub import load_model
 
 from ._tiny import tiny_config
 
@@ -63,8 +63,8 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path, fm
     done = subprocess.run(_train_cmd(config, cut, "--resume"), env=_env(), timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    a = load_detector(full / "model.pt").state_dict()
-    b = load_detector(cut / "model.pt").state_dict()
+    a = load_model(full / "model.pt").state_dict()
+    b = load_model(cut / "model.pt").state_dict()
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], torch.Tensor):

@@ -11,7 +11,8 @@ import torch
 
 from fewsight.data import DigitsDataset, export_dataset
 from fewsight.errors import CheckpointError, InvalidArgumentError
-from fewsight.train import DetectorModule, load_detector, train
+from fewsight.hub import load_model
+from fewsight.train import DetectorModule, train
 
 from tests.train._tiny import digits_split, tiny_config
 
@@ -61,9 +62,9 @@ def test_train_on_a_coco_folder(tmp_path):
     # The plain model file and the training checkpoint rebuild the same detector.
     images = [src[i][0] for i in range(2)]
     expected = _predictions(result.model, images)
-    _same_predictions(_predictions(load_detector(out / "model.pt"), images), expected)
-    _same_predictions(_predictions(load_detector(out / "checkpoints" / "last.ckpt"), images), expected)
-    assert load_detector(out / "model.pt").classes == ["0", "1"]
+    _same_predictions(_predictions(load_model(out / "model.pt"), images), expected)
+    _same_predictions(_predictions(load_model(out / "checkpoints" / "last.ckpt"), images), expected)
+    assert load_model(out / "model.pt").classes == ["0", "1"]
 
 
 def test_bf16_mixed_precision_with_value_clipping(tmp_path):
