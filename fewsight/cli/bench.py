@@ -65,14 +65,20 @@ def add_parser(sub: Any) -> None:
     br = bsub.add_parser(
         "retrieval",
         help="object retrieval (Recall@k, MAP@R) and open-set rejection (AUROC, FPR@95%%TPR)",
-        description="Embed every annotated object of a query set and a gallery set with a DLDENet; report "
-        "Recall@k and MAP@R for objects of the model's classes and of unseen classes, and how well the model's "
-        "known-ness score rejects unseen classes (AUROC, FPR at 95%% TPR). Writes OUT/results.json.",
+        description="digits: embed every annotated object of a query set and a gallery set with a DLDENet "
+        "(--checkpoint); report Recall@k and MAP@R for objects of the model's classes and of unseen classes, and how "
+        "well the model's known-ness score rejects unseen classes (AUROC, FPR at 95%% TPR). emoji: the cross-style "
+        "protocol of a crop embedder (--embedder): each Google-style image of the 955 novel emoji queries the "
+        "Twitter-style gallery; cosine, then CSLS against base-class Google views. Writes OUT/results.json.",
     )
-    br.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
-    br.add_argument("--data", default="digits", choices=("digits",), help="benchmark data (default: digits)")
-    br.add_argument("--num-images", type=int, default=200, help="query and gallery images each (default 200)")
+    br.add_argument("--checkpoint", help="digits: a DLDENet model.pt (or .ckpt)")
+    br.add_argument("--embedder", help="emoji: a crop embedder file (fewsight train with task: embedder)")
+    br.add_argument("--data", default="digits", choices=("digits", "emoji"), help="benchmark data (default: digits)")
+    br.add_argument("--emoji-root", help="emoji: the emoji data folder (default: data/emoji)")
+    br.add_argument("--no-csls", dest="csls", action="store_false", help="emoji: cosine ranking only")
+    br.add_argument("--num-images", type=int, default=200, help="digits: query and gallery images each (default 200)")
     br.add_argument("--batch-size", type=int, default=16)
+    br.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     br.add_argument("--out", default="runs/retrieval", help="output folder (default: runs/retrieval)")
     br.add_argument("--quiet", action="store_true", help="(no progress bars are shown by this benchmark)")
 
@@ -101,9 +107,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _retrieval(args: argparse.Namespace) -> int:
     from fewsight import data as fd
+    from fewsight.errors import InvalidArgumentError
     from fewsight.eval import write_json
     from fewsight.eval.retrieval import run_retrieval
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.data == "emoji":
+        return _retrieval_emoji(args)
+    if args.checkpoint is None or args.embedder is not None:
+        raise InvalidArgumentError("--checkpoint: expected a DLDENet file for --data digits (and no --embedder), got "
+                                   f"--checkpoint {args.checkpoint} --embedder {args.embedder}")
     model = load_dldenet(args.checkpoint)
     result = run_retrieval(model, query_dataset=fd.DigitsDataset("val", args.num_images, seed=3),
                            gallery_dataset=fd.DigitsDataset("test", args.num_images, seed=1),
@@ -116,6 +132,30 @@ def _retrieval(args: argparse.Namespace) -> int:
     print(f"open set: AUROC {o['auroc']:.4f}  FPR@95%TPR {o['fpr_at_95tpr']:.4f}  "
           f"({o['num_known']} known / {o['num_unknown']} unknown objects)")
     write_json({"data": args.data, "checkpoint": str(args.checkpoint), **result}, Path(args.out) / "results.json")
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _retrieval_emoji(args: argparse.Namespace) -> int:
+    from fewsight.data.emoji import DEFAULT_ROOT, emoji_classes
+    from fewsight.errors import InvalidArgumentError
+    from fewsight.eval import write_json
+    from fewsight.eval.embedding import emoji_retrieval
+    from fewsight.fewshot import CropEmbedder
+    from fewsight.hub import load_model
+
+    if args.embedder is None or args.checkpoint is not None:
+        raise InvalidArgumentError("--embedder: expected a crop embedder file for --data emoji (and no --checkpoint), "
+                                   f"got --embedder {args.embedder} --checkpoint {args.checkpoint}")
+    root = Path(args.emoji_root) if args.emoji_root is not None else DEFAULT_ROOT
+    emoji_classes(root)  # DataError with the install hint when the data is absent
+    embedder = load_model(args.embedder, expect=CropEmbedder)
+    result = emoji_retrieval(embedder, root, csls=args.csls, batch_size=max(args.batch_size, 64))
+    print(f"{result['num_classes']} novel emoji, {result['query_style']} queries -> {result['gallery_style']} gallery")
+    for name, row in (("cosine", result), ("CSLS", result.get("csls") or {})):
+        if row:
+            print(f"  {name:6s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+    write_json({"data": "emoji", "embedder": str(args.embedder), **result}, Path(args.out) / "results.json")
     print(f"wrote {Path(args.out) / 'results.json'}")
     return 0
 
