@@ -353,3 +353,31 @@ def test_search_index_bad_batch_size_is_a_one_line_error(indexed, search_model, 
             "--batch-size", "0"]
     assert main(argv) == 1
     assert "batch_size" in _error_line(capsys, "search") or "batch-size" in capsys.readouterr().err
+
+
+def test_search_with_a_crop_embedder_and_csls(indexed, search_model, tmp_path, capsys):
+    from fewsight.fewshot import CropEmbedder
+    from fewsight.retrieval import Gallery
+
+    root, _ = indexed
+    torch.manual_seed(0)
+    net = CropEmbedder(dim=8, grid=1, crop_size=16, pretrained=False)
+    net.set_whitening(torch.zeros(8), torch.randn(6, 8))
+    embedder = save_model(net, tmp_path / "emb.pt")
+    out = tmp_path / "gallery"
+    assert main(["search", "index", "--checkpoint", str(search_model), str(root / "images"), "--out", str(out),
+                 "--score-threshold", "0.0", "--embedder", str(embedder)]) == 0
+    gallery = Gallery.load(out / "gallery.pt")
+    assert gallery.dim == 6  # the embedder's whitened dimension
+    item = 0
+    image = json.loads((out / "images.json").read_text())["images"][int(gallery.image_ids[item])]
+    box = [repr(float(v)) for v in gallery.boxes[item]]
+    query = ["search", "query", "--checkpoint", str(search_model), "--gallery", str(out), "--image", image,
+             "--box", *box, "--k", "2"]
+    capsys.readouterr()
+    assert main([*query, "--embedder", str(embedder)]) == 0
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(1.0, abs=1e-3)  # the object itself
+    assert main([*query, "--embedder", str(embedder), "--csls"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(query) == 1  # built with the embedder, queried without it
+    assert "query it the same way (--embedder)" in _error_line(capsys, "search")

@@ -29,6 +29,8 @@ def add_parser(sub: Any) -> None:
     si.add_argument("--out", default="runs/gallery", help="output folder (default: runs/gallery)")
     si.add_argument("--score-threshold", type=float, default=0.3, help="index detections at least this score (0.3)")
     si.add_argument("--batch-size", type=int, default=8)
+    si.add_argument("--embedder", help="embed the detected objects' crops with this crop embedder file (its whitening "
+                    "applied) instead of the detector's embedding")
     sq = ssub.add_parser("query", help="find the gallery objects most like an example",
                          description="Embed an example object (a crop, or --box of an image) and print the k most "
                          "similar gallery objects (cosine); with --out, also OUT/results.json and OUT/results.png.")
@@ -38,6 +40,10 @@ def add_parser(sub: Any) -> None:
     sq.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="the object's box in --image")
     sq.add_argument("--k", type=int, default=10, help="results (default 10)")
     sq.add_argument("--out", help="folder for results.json and results.png")
+    sq.add_argument("--embedder", help="the crop embedder the gallery was built with (search index --embedder)")
+    sq.add_argument("--csls", action="store_true",
+                    help="rank by CSLS with the gallery itself as the reference sample: demotes gallery items that are "
+                    "close to everything (hubs)")
 
 
 def _gallery_paths(path: str) -> tuple[Path, Path]:
@@ -46,24 +52,34 @@ def _gallery_paths(path: str) -> tuple[Path, Path]:
     return (folder / "gallery.pt" if p.is_dir() or p.suffix == "" else p), folder / "images.json"
 
 
+def _embedder(path: str | None) -> Any:
+    if path is None:
+        return None
+    from fewsight.fewshot import CropEmbedder
+    from fewsight.hub import load_model
+
+    return load_model(path, expect=CropEmbedder)
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_dldenet(args.checkpoint)
     if args.search == "index":
-        return _index(args, model)
-    return _query(args, model)
+        return _index(args, model, _embedder(args.embedder))
+    return _query(args, model, _embedder(args.embedder))
 
 
-def _index(args: argparse.Namespace, model: Any) -> int:
+def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     from fewsight.data import load_image
     from fewsight.eval import write_json
     from fewsight.retrieval import index_images
 
     files = image_files(args.images)
     images = [load_image(f) for f in files]
-    gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size)
+    gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size,
+                           embedder=embedder)
     gallery_file, images_file = _gallery_paths(args.out)
     gallery.save(gallery_file)
-    write_json({"images": [str(f) for f in files]}, images_file)
+    write_json({"images": [str(f) for f in files], "embedder": args.embedder}, images_file)
     print(f"indexed {len(gallery)} object(s) from {len(files)} image(s); wrote {gallery_file}")
     return 0
 
@@ -73,7 +89,7 @@ def _crop(image: Any, box: Any) -> Any:
     return image[:, max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)]
 
 
-def _query(args: argparse.Namespace, model: Any) -> int:
+def _query(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     import torch
 
     from fewsight.data import load_image
@@ -83,17 +99,22 @@ def _query(args: argparse.Namespace, model: Any) -> int:
 
     gallery_file, images_file = _gallery_paths(args.gallery)
     gallery = Gallery.load(gallery_file)
-    paths = json.loads(images_file.read_text())["images"] if images_file.is_file() else None
+    info = json.loads(images_file.read_text()) if images_file.is_file() else {}
+    paths = info.get("images")
+    if bool(info.get("embedder")) != (embedder is not None):
+        built = f"with the crop embedder {info['embedder']}" if info.get("embedder") else "with the detector's embedding"
+        raise DataError(gallery_file, f"the gallery was built {built}; query it the same way (--embedder)")
     query_image = load_image(args.image)
     box = torch.tensor(args.box, dtype=torch.float32) if args.box else None
     if box is not None and not (box[2] > box[0] and box[3] > box[1]):
         raise DataError(args.image, f"--box: expected x1 < x2 and y1 < y2, got {args.box}")
-    query = embed_crop(model, query_image, box=box)
+    query = embed_crop(model, query_image, box=box, embedder=embedder)
     if not bool(query.norm() > 0):
         raise DataError(args.image, f"--box {args.box}: the query object matches no anchor of the detector (is the box inside the image?)")
     if gallery.dim is not None and query.shape[0] != gallery.dim:
         raise DataError(gallery_file, f"the gallery holds {gallery.dim}-D embeddings, the model gives {query.shape[0]}-D")
-    found = gallery.search(query[None], k=args.k)
+    reference = gallery.embeddings() if args.csls and len(gallery) else None
+    found = gallery.search(query[None], k=args.k, csls_reference=reference)
     rows = []
     names = list(model.classes)
     for rank, (i, score) in enumerate(zip(found.indices[0].tolist(), found.scores[0].tolist()), start=1):

@@ -185,6 +185,12 @@ class Gallery:
         """``Tensor[N, 4]`` xyxy box per item (``NaN`` rows = not given)."""
         return self._column("boxes")
 
+    def embeddings(self) -> Tensor:
+        """``Tensor[N, D]``: the stored unit embeddings (float32, CPU), in gallery order."""
+        if not len(self):
+            return torch.zeros(0, self._dim or 0)
+        return torch.from_numpy(self._index.reconstruct_n(0, len(self)))
+
     def __repr__(self) -> str:
         classes = "" if self.class_names is None else f", classes={len(self.class_names)}"
         return f"Gallery(size={len(self)}, dim={self._dim}{classes})"
@@ -277,7 +283,7 @@ class Gallery:
         scores = torch.full((q, k), -math.inf, dtype=torch.float32)
         indices = torch.full((q, k), -1, dtype=torch.long)
         if q and n:
-            stored = torch.from_numpy(self._index.reconstruct_n(0, n))
+            stored = self.embeddings()
             penalty = csls_penalty(stored, reference, csls_k)
             found = min(k, n)
             block = max(1, _BLOCK_ELEMENTS // n)
@@ -296,7 +302,7 @@ class Gallery:
 
     def _exact_rows(self, x: Any, k: int) -> tuple[Tensor, Tensor]:
         # Rare path (a tie at the k-th place): brute force over the stored vectors for these rows.
-        stored = torch.from_numpy(self._index.reconstruct_n(0, len(self)))
+        stored = self.embeddings()
         return ordered_topk(torch.from_numpy(x) @ stored.T, k)
 
     def _result(self, scores: Tensor, indices: Tensor, device: torch.device) -> SearchResult:

@@ -2,7 +2,9 @@
 
 An object's embedding is :meth:`fewsight.models.DLDENet.embed_boxes` of its box: the normalised mean
 embedding of the anchors the detector matches to it (the same anchors enrollment uses), so gallery
-items, queries and enrolled class directions live in one space.
+items, queries and enrolled class directions live in one space. Given an ``embedder`` (a
+:class:`fewsight.fewshot.CropEmbedder`, called as ``embedder(images, boxes)``), the detector only
+finds the objects and the embedder embeds their crops, whitening included.
 
 Example:
     >>> import torch
@@ -59,12 +61,13 @@ def index_images(
     nms_threshold: float = 0.5,
     batch_size: int = 8,
     image_ids: Sequence[int] | None = None,
+    embedder: nn.Module | None = None,
 ) -> Gallery:
     """A :class:`Gallery` of the objects ``model`` detects in ``images`` (``Tensor[3, H_i, W_i]`` in [0, 1]).
 
     Detections with ``score >= score_threshold`` go through class-agnostic NMS (``nms_threshold``), so an
     object is one item: the embedding of its box, its best label, its image id (``image_ids[i]``,
-    default ``i``) and its box.
+    default ``i``) and its box. ``embedder``: embed the boxes' crops with it instead of the detector.
     """
     _check_model(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -73,7 +76,8 @@ def index_images(
         raise ShapeError(f"image_ids: expected {len(images)} ids (one per image), got {len(image_ids)}")
     ids = list(range(len(images))) if image_ids is None else [int(i) for i in image_ids]
     device = _device(model)
-    gallery = Gallery(model.classifier.embedding_dim, class_names=list(model.classes))
+    dim = model.classifier.embedding_dim if embedder is None else embedder.dim
+    gallery = Gallery(dim, class_names=list(model.classes))
     was_training = model.training
     model.eval()
     try:
@@ -90,7 +94,10 @@ def index_images(
             keep = keep[batched_nms(boxes[keep], scores[keep], owner[keep], nms_threshold)]
             keep = keep[torch.argsort(owner[keep] * len(scores) + keep, stable=True)]  # image order, then rank
             per_image = list(boxes[keep].split(torch.bincount(owner[keep], minlength=len(batch)).tolist()))
-            emb = torch.cat(model.embed_boxes(batch, per_image))
+            if embedder is None:
+                emb = torch.cat(model.embed_boxes(batch, per_image))
+            else:
+                emb = embedder(batch, per_image)
             if len(emb):
                 first = torch.tensor(ids[start : start + len(batch)], device=boxes.device)
                 gallery.add(emb, labels=labels[keep], image_ids=first[owner[keep]], boxes=boxes[keep])
@@ -100,16 +107,25 @@ def index_images(
 
 
 @torch.no_grad()
-def embed_crop(model: nn.Module, crop: Tensor, *, box: Tensor | None = None, context: float = 1.0) -> Tensor:
+def embed_crop(model: nn.Module, crop: Tensor, *, box: Tensor | None = None, context: float = 1.0,
+               embedder: nn.Module | None = None) -> Tensor:
     """``Tensor[D]``: the embedding of a query object.
 
     With ``box`` (``Tensor[4]`` xyxy), ``crop`` is a whole image and the object is that box. Without it,
     ``crop`` is the object itself: it is pasted at the centre of a grey canvas ``1 + 2 * context`` times
     its size, so the detector sees it at the scale and with the margins of an object in a scene.
+    ``embedder``: embed the object's crop with it (``model`` is then not used).
     """
-    _check_model(model)
     if crop.ndim != 3 or crop.shape[0] != 3:
         raise ShapeError(f"crop: expected Tensor[3, H, W], got shape {tuple(crop.shape)}")
+    if embedder is not None:
+        if box is None:
+            box = torch.tensor([0.0, 0.0, crop.shape[2], crop.shape[1]])
+        if box.shape != (4,):
+            raise ShapeError(f"box: expected Tensor[4] (x1, y1, x2, y2), got shape {tuple(box.shape)}")
+        device = next(embedder.parameters()).device
+        return embedder([crop.to(device)], [box.reshape(1, 4).float().to(device)])[0]
+    _check_model(model)
     if box is None:
         if context < 0:
             raise InvalidArgumentError(f"context: expected >= 0, got {context}")
