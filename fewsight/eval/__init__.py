@@ -29,21 +29,15 @@ from fewsight.eval.plots import (
 
 __all__ = [
     "DetectionEvaluator",
-    "atomic_write_bytes",
     "detections_to_json",
     "draw_detections",
     "evaluate_detections",
     "evaluate_model",
-    "model_device",
-    "normalize_predictions",
-    "normalize_targets",
     "plot_detection_grid",
     "plot_detections",
     "plot_fewshot",
     "plot_precision_recall",
     "plot_search_results",
     "predict",
-    "progress_bar",
-    "to_jsonable",
     "write_json",
 ]

@@ -21,9 +21,7 @@ from fewsight.geometry.targets import PaddedTargets, pad_targets
 __all__ = [
     "BACKGROUND",
     "BOX_FORMATS",
-    "DEFAULT_SCALE_CLAMP",
     "IGNORE",
-    "SSD300_ASPECT_RATIOS",
     "AnchorGenerator",
     "BoxCoder",
     "Match",
@@ -35,7 +33,6 @@ __all__ = [
     "box_iou",
     "clip_boxes",
     "default_boxes",
-    "feature_size",
     "match",
     "pad_targets",
     "sanitize_boxes",

@@ -24,6 +24,4 @@ __all__: list[str] = [
     "MultiBoxLoss",
     "DirectionalFocalLoss",
     "DispersionLoss",
-    "check_focal_options",
-    "check_multibox_options",
 ]

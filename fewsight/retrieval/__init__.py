@@ -34,7 +34,6 @@ from fewsight.retrieval.openset import auroc, fpr_at_tpr
 from fewsight.retrieval.whitening import Whitening, learn_whitening
 
 __all__ = [
-    "GALLERY_FORMAT",
     "Gallery",
     "SearchResult",
     "Whitening",
@@ -48,6 +47,5 @@ __all__ = [
     "known_scores",
     "learn_whitening",
     "mean_average_precision_at_r",
-    "ordered_topk",
     "recall_at_k",
 ]
