@@ -381,3 +381,22 @@ def test_search_with_a_crop_embedder_and_csls(indexed, search_model, tmp_path, c
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert main(query) == 1  # built with the embedder, queried without it
     assert "query it the same way (--embedder)" in _error_line(capsys, "search")
+
+
+def test_bench_fewshot_on_your_own_datasets(tmp_path, tmp_path_factory, capsys):
+    model = _save(tmp_path_factory, "dldenet", ["0", "1"], embedding_dim=8)
+    test = DigitsDataset("test", 4, image_size=64, digit_size=(16, 32), max_digits=3, classes=(0, 1, 8), seed=5)
+    test_file = export_dataset(test, tmp_path / "test", fmt="coco")
+    support_dir = export_dataset(DigitsDataset("train", 6, image_size=64, digit_size=(16, 32), max_digits=3,
+                                               classes=(8, 0), seed=6), tmp_path / "support", fmt="voc")
+    out = tmp_path / "bench"
+    argv = ["bench", "fewshot", "--checkpoint", str(model), "--data", str(test_file), "--support", str(support_dir),
+            "--shots", "1", "--seeds", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["novel"] == ["8"] and results["calibrate"] is True and results["rivalry"] == 5.0
+    assert main([*argv[:4], "--data", str(test_file), "--out", str(out)]) == 1  # no --support
+    assert "--support" in _error_line(capsys, "bench")
+    known = _save(tmp_path_factory, "dldenet", ["0", "1", "8"], embedding_dim=8)
+    assert main(["bench", "fewshot", "--checkpoint", str(known), *argv[4:]]) == 1
+    assert "no novel class" in _error_line(capsys, "bench")

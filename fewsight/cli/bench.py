@@ -34,10 +34,12 @@ def add_parser(sub: Any) -> None:
         "test style).",
     )
     fs.add_argument("--checkpoint", required=True, help="a DLDENet trained on the base classes")
-    fs.add_argument("--data", default="digits", choices=("digits", "emoji"),
-                    help="benchmark data: digits (base 0-7, novel 8-9; default) or emoji (the 956 emoji-logos base "
+    fs.add_argument("--data", default="digits",
+                    help="benchmark data: digits (base 0-7, novel 8-9; default), emoji (the 956 emoji-logos base "
                     "classes, --novel-classes novel ones enrolled from Google-style examples, tested on Google- and "
-                    "Twitter-style scenes; needs `make emoji-data`)")
+                    "Twitter-style scenes; needs `make emoji-data`), or the test set of your own data (a COCO .json, "
+                    "VOC / YOLO folder or CSV file, with --support): its classes the model does not know are novel")
+    fs.add_argument("--support", help="with a dataset --data: the dataset the k-shot examples are drawn from")
     fs.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="k values (default 1 5 10)")
     fs.add_argument("--seeds", type=int, default=5, help="support sets per k (seeds 0..N-1; default 5)")
     fs.add_argument("--modes", nargs="+", default=["enroll"], choices=("enroll", "finetune"),
@@ -102,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("emoji_root", "novel_classes", "image_size", "reference"):
         if getattr(args, flag) is not None:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')}: expected only with --data emoji, got --data {args.data}")
-    return _fewshot_digits(args)
+    if (args.data == "digits") != (args.support is None):
+        raise InvalidArgumentError(f"--support: expected a support dataset with a dataset --data (none with digits), "
+                                   f"got --data {args.data} --support {args.support}")
+    return _fewshot_datasets(args)
 
 
 def _retrieval(args: argparse.Namespace) -> int:
@@ -160,17 +165,29 @@ def _retrieval_emoji(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fewshot_digits(args: argparse.Namespace) -> int:
+def _fewshot_datasets(args: argparse.Namespace) -> int:
+    """``bench fewshot`` on digits or on a test / support dataset pair of any format."""
     import torch
 
+    from fewsight.data import open_dataset
+    from fewsight.errors import DataError
     from fewsight.eval import plot_fewshot, write_json
     from fewsight.fewshot import digits_fewshot_datasets, run_fewshot
 
     model = with_crop_embedder(load_dldenet(args.checkpoint), args.crop_embedder)
     if args.device is not None:
         model.to(parse_device(args.device))
-    support, test = digits_fewshot_datasets(args.num_images)
+    if args.data == "digits":
+        support, test = digits_fewshot_datasets(args.num_images)
+    else:
+        test = open_dataset(args.data)
+        support = open_dataset(args.support, classes=list(test.classes))
+        unknown = [c for c in model.classes if c not in test.classes]
+        if unknown:
+            raise DataError(args.data, f"the model's classes {unknown} are not classes of the test set {list(test.classes)}")
     novel = [c for c, name in enumerate(test.classes) if name not in model.classes]
+    if not novel:
+        raise DataError(args.data, f"no novel class: the model knows every class of the test set {list(test.classes)}")
     result = run_fewshot(
         model, support_dataset=support, test_dataset=test, novel_classes=novel, shots=args.shots,
         seeds=range(args.seeds), modes=args.modes, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,

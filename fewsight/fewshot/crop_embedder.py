@@ -26,13 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError, MissingDependencyError, ShapeError
+from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from fewsight.models.crops import crop_boxes
 
 __all__ = ["CropEmbedder"]
 
-# ImageNet statistics of torchvision's MobileNetV2 weights.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 class CropEmbedder(nn.Module):
@@ -87,8 +85,8 @@ class CropEmbedder(nn.Module):
         channels = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.head = nn.Linear(channels * grid * grid, dim)
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         # Identity whitening until set_whitening: x ↦ normalise(x).
         self.register_buffer("white_mean", torch.zeros(dim))
         self.register_buffer("white_proj", torch.eye(dim))
