@@ -339,6 +339,10 @@ class DLDENet(DenseDetector):
         in ``targets``; its ``w`` and ``b`` are the defaults. The model runs in eval mode (BatchNorm
         statistics untouched); its mode is restored afterwards.
 
+        This is the plain operation, each option off unless asked for. The product's enrollment —
+        :func:`fewsight.fewshot.enroll` with :class:`fewsight.fewshot.EnrollSettings`, used by the
+        command line — turns calibration and rivalry on by default.
+
         Args:
             images: the support images (``Tensor[B, 3, H, W]`` or a list), floats in ``[0, 1]``.
             targets: one per image, labels index ``names`` (``< 0``: ignored).
