@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import math
+import numbers
+
 import torch
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "ShapeError",
     "DTypeError",
     "InvalidArgumentError",
+    "NonFiniteError",
     "LabelError",
     "DataError",
     "CheckpointError",
@@ -36,6 +40,10 @@ __all__ = [
     "check_floating",
     "check_choice",
     "check_labels",
+    "check_finite",
+    "check_real",
+    "as_tensor",
+    "as_floating",
 ]
 
 
@@ -53,6 +61,14 @@ class DTypeError(FewsightError, TypeError):
 
 class InvalidArgumentError(FewsightError, ValueError):
     """A non-tensor argument is out of range or not one of the allowed choices."""
+
+
+class NonFiniteError(InvalidArgumentError):
+    """A tensor or number holds NaN or +-inf where finite values are required.
+
+    Raised for every tensor argument of the geometry ops, losses and models, and for every numeric
+    hyper-parameter. A subclass of :class:`InvalidArgumentError` (and so of ``ValueError``).
+    """
 
 
 class LabelError(FewsightError, ValueError):
@@ -109,6 +125,97 @@ def check_floating(name: str, t: torch.Tensor) -> None:
     """Raise :class:`DTypeError` unless ``t`` has a floating dtype."""
     if not t.is_floating_point():
         raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Raise :class:`NonFiniteError` if ``value`` (a tensor or a number) holds NaN or +-inf.
+
+    Integer and boolean tensors are always finite and cost nothing. A floating tensor costs one
+    reduction and one device sync; the count of bad values is computed only on failure.
+
+    >>> check_finite("scores", torch.tensor([0.5, float("nan")]))
+    Traceback (most recent call last):
+    ...
+    fewsight.errors.NonFiniteError: scores: expected finite values, got 1 NaN/inf of 2
+    """
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()) or value.numel() == 0:
+            return
+        ok = torch.isfinite(value)
+        if bool(ok.all()):
+            return
+        bad = int((~ok).sum())
+        raise NonFiniteError(f"{name}: expected finite values, got {bad} NaN/inf of {value.numel()}")
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        raise NonFiniteError(f"{name}: expected a finite number, got {value!r}")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite ``float`` inside ``[low, high]`` (open ends if asked), else raise.
+
+    Accepts python / numpy reals and one-element tensors; booleans and strings are refused with
+    :class:`InvalidArgumentError`, NaN / +-inf with :class:`NonFiniteError` (``nan <= 0`` is False, so
+    a plain range test would let NaN through).
+
+    >>> check_real("margin", 0.25, low=0)
+    0.25
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name}: expected a real number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{name}: expected a finite number, got {v!r}")
+    below = low is not None and (v <= low if low_open else v < low)
+    above = high is not None and (v >= high if high_open else v > high)
+    if below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise InvalidArgumentError(f"{name}: expected a number in {span}, got {v}")
+    return v
+
+
+def as_tensor(name: str, value: Any, *, dtype: torch.dtype | None = None, expected: str = "a torch.Tensor") -> torch.Tensor:
+    """``value`` as a tensor: tensors pass through, lists / tuples / numpy arrays / numbers are converted.
+
+    Raises :class:`DTypeError` naming ``name`` when the value cannot become a numeric tensor (a
+    string, a ragged list, ``None``). ``dtype`` is applied only to converted values.
+
+    >>> as_tensor("boxes", [[0, 0, 2, 2]])
+    tensor([[0, 0, 2, 2]])
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if value is None or isinstance(value, (str, bytes, dict, set)):
+        raise DTypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DTypeError(f"{name}: expected {expected} (or a nested list of numbers), got {type(value).__name__}: {e}") from None
+
+
+def as_floating(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` unchanged if floating; integer / boolean tensors promoted to the default float dtype.
+
+    Raises :class:`DTypeError` for complex tensors (and for non-tensors).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point():
+        return t
+    if t.is_complex():
+        raise DTypeError(f"{name}: expected a real (floating or integer) tensor, got dtype {t.dtype}")
+    return t.to(torch.get_default_dtype())
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
