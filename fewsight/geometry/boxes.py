@@ -6,12 +6,23 @@ broadcasts over leading dimensions, so a batch of images is one call.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_last_dim
+from fewsight.errors import (
+    InvalidArgumentError,
+    ShapeError,
+    as_floating,
+    as_tensor,
+    check_choice,
+    check_finite,
+    check_last_dim,
+    check_real,
+)
 
 __all__ = [
     "BOX_FORMATS",
@@ -26,17 +37,67 @@ __all__ = [
 
 BOX_FORMATS = ("xyxy", "cxcywh", "xywh")
 
+# Coordinates above these make a product of two (an area) overflow the dtype: sqrt(3.4e38) ~ 1.8e19
+# for float32, sqrt(1.8e308) ~ 1.3e154 for float64 (margins for the sums in unions).
+_F32_SAFE = 1e18
+_F64_SAFE = 1e150
+
+
+def _boxes_arg(name: str, boxes: object, expected: str = "Tensor[..., 4]") -> Tensor:
+    """The one entry check for box tensors: list -> tensor, last dim 4, integer -> float, finite."""
+    boxes = as_tensor(name, boxes, expected=expected)
+    check_last_dim(name, boxes, 4, expected)
+    boxes = as_floating(name, boxes)
+    check_finite(name, boxes)
+    return boxes
+
+
+def coordinate_work(named: Sequence[tuple[str, Tensor, Tensor | None]], dtype: torch.dtype) -> tuple[torch.dtype, float]:
+    """Check box coordinates are finite and pick a work dtype in which their areas cannot overflow.
+
+    ``named``: ``(argument name, Tensor[..., 4], optional Bool[...] row mask)``; rows outside the mask
+    (padding) are not read. Returns ``(work dtype, scale)``: float32 inputs with coordinates beyond
+    ``1e18`` are computed in float64, and float64 ones beyond ``1e150`` are multiplied by ``scale``
+    (< 1) first, which leaves every IoU unchanged. Costs one reduction and one sync per tensor.
+    Raises :class:`~fewsight.errors.NonFiniteError` naming the argument for NaN / +-inf.
+    """
+    top = 0.0
+    for name, t, mask in named:
+        if t.numel() == 0:
+            continue
+        mag = t.detach().abs()
+        if mask is not None:
+            mag = torch.where(mask.unsqueeze(-1), mag, mag.new_zeros(()))
+        m = float(mag.amax())  # amax propagates NaN, so this one sync also tests finiteness
+        if not math.isfinite(m):
+            check_finite(name, t if mask is None else t[mask])
+        top = max(top, m)
+    work = dtype
+    if work != torch.float64 and top > _F32_SAFE:
+        work = torch.float64
+    scale = 1.0 if top <= _F64_SAFE else 1.0 / top
+    return work, scale
+
 
 def box_area(boxes: Tensor) -> Tensor:
     """Area of ``Tensor[..., 4]`` xyxy boxes -> ``Tensor[...]``; inverted boxes have area 0.
 
+    Integer boxes give float32 areas (as do half-precision ones); an area beyond the dtype's range
+    saturates at its largest finite value. NaN / +-inf coordinates raise ``NonFiniteError``.
+
     >>> box_area(torch.tensor([[0., 0., 2., 3.]]))
     tensor([6.])
     """
-    check_last_dim("boxes", boxes, 4)
+    boxes = _boxes_arg("boxes", boxes)
+    return _area(boxes)
+
+
+def _area(boxes: Tensor) -> Tensor:
     if boxes.dtype in (torch.float16, torch.bfloat16) or not boxes.is_floating_point():
         boxes = boxes.float()  # a 4000 px box's area overflows fp16; integer areas would truncate IoUs
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    # Finite but huge boxes saturate at the dtype's largest value instead of becoming inf.
+    return area.clamp_(max=torch.finfo(area.dtype).max)
 
 
 def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
@@ -45,9 +106,9 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     >>> box_convert(torch.tensor([1., 1., 2., 4.]), "cxcywh", "xyxy")
     tensor([ 0., -1.,  2.,  3.])
     """
-    check_last_dim("boxes", boxes, 4)
     check_choice("in_fmt", in_fmt, BOX_FORMATS)
     check_choice("out_fmt", out_fmt, BOX_FORMATS)
+    boxes = _boxes_arg("boxes", boxes)
     if in_fmt == out_fmt:
         return boxes.clone()
     a, b, c, d = boxes.unbind(-1)
@@ -55,9 +116,9 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
         a, b, c, d = a - c / 2, b - d / 2, a + c / 2, b + d / 2
     elif in_fmt == "xywh":
         c, d = a + c, b + d
-    # now xyxy
+    # now xyxy; halves before adding so that coordinates near the dtype's maximum do not overflow
     if out_fmt == "cxcywh":
-        a, b, c, d = (a + c) / 2, (b + d) / 2, c - a, d - b
+        a, b, c, d = a / 2 + c / 2, b / 2 + d / 2, c - a, d - b
     elif out_fmt == "xywh":
         c, d = c - a, d - b
     return torch.stack((a, b, c, d), dim=-1)
@@ -75,9 +136,11 @@ def _intersection(a: Tensor, b: Tensor) -> Tensor:
     return w.mul_(h)
 
 
-def _check_pair(a: Tensor, b: Tensor) -> None:
-    check_last_dim("boxes1", a, 4, "Tensor[..., N, 4]")
-    check_last_dim("boxes2", b, 4, "Tensor[..., M, 4]")
+def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str] = ("boxes1", "boxes2")) -> tuple[Tensor, Tensor]:
+    a = as_tensor(names[0], a, expected="Tensor[..., N, 4]")
+    b = as_tensor(names[1], b, expected="Tensor[..., M, 4]")
+    check_last_dim(names[0], a, 4, "Tensor[..., N, 4]")
+    check_last_dim(names[1], b, 4, "Tensor[..., M, 4]")
     if a.ndim < 2 or b.ndim < 2:
         raise ShapeError(
             f"boxes1/boxes2: expected Tensor[..., N, 4] and Tensor[..., M, 4], "
@@ -89,6 +152,7 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
         raise ShapeError(
             f"boxes1/boxes2: expected broadcastable leading dimensions, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
         ) from None
+    return a, b
 
 
 def _result_dtypes(a: Tensor, b: Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -103,19 +167,22 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise IoU, batched: ``Tensor[..., N, 4] x Tensor[..., M, 4] -> Tensor[..., N, M]``.
 
     Leading dimensions broadcast. Half-precision inputs are computed in float32 (areas of
-    large boxes overflow fp16) and returned in the input dtype. Pairs whose union is empty
-    (two degenerate boxes) have IoU 0, not NaN.
+    large boxes overflow fp16) and returned in the input dtype; integer boxes give float32.
+    Coordinates whose areas would overflow the dtype are computed in float64 (and rescaled
+    beyond that), so every IoU is finite. Pairs whose union is empty (two degenerate boxes) have
+    IoU 0, not NaN. NaN / +-inf coordinates raise ``NonFiniteError`` naming the argument.
 
     IoU(a, b) = |a ∩ b| / |a ∪ b|.
 
     >>> box_iou(torch.tensor([[0., 0., 2., 2.]]), torch.tensor([[1., 1., 3., 3.], [5., 5., 6., 6.]]))
     tensor([[0.1429, 0.0000]])
     """
-    _check_pair(boxes1, boxes2)
+    boxes1, boxes2 = _check_pair(boxes1, boxes2)
     out_dtype, work = _result_dtypes(boxes1, boxes2)
-    a, b = boxes1.to(work), boxes2.to(work)
+    work, scale = coordinate_work((("boxes1", boxes1, None), ("boxes2", boxes2, None)), work)
+    a, b = _scaled(boxes1, work, scale), _scaled(boxes2, work, scale)
     inter = _intersection(a, b)
-    union = box_area(a).unsqueeze(-1) + box_area(b).unsqueeze(-2)
+    union = _area(a).unsqueeze(-1) + _area(b).unsqueeze(-2)
     union.sub_(inter)
     iou = inter.div_(union.clamp_(min=torch.finfo(work).tiny))
     return iou.to(out_dtype)
@@ -130,11 +197,17 @@ def box_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
     >>> box_ioa(torch.tensor([[0., 0., 2., 2.]]), torch.tensor([[0., 0., 10., 10.]]))
     tensor([[1.]])
     """
-    _check_pair(boxes, regions)
+    boxes, regions = _check_pair(boxes, regions, ("boxes", "regions"))
     out_dtype, work = _result_dtypes(boxes, regions)
-    a, b = boxes.to(work), regions.to(work)
+    work, scale = coordinate_work((("boxes", boxes, None), ("regions", regions, None)), work)
+    a, b = _scaled(boxes, work, scale), _scaled(regions, work, scale)
     inter = _intersection(a, b)
-    return inter.div_(box_area(a).unsqueeze(-1).clamp(min=torch.finfo(work).tiny)).to(out_dtype)
+    return inter.div_(_area(a).unsqueeze(-1).clamp(min=torch.finfo(work).tiny)).to(out_dtype)
+
+
+def _scaled(boxes: Tensor, work: torch.dtype, scale: float) -> Tensor:
+    boxes = boxes.to(work)
+    return boxes if scale == 1.0 else boxes * scale
 
 
 def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -143,7 +216,7 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     >>> clip_boxes(torch.tensor([[-5., 2., 50., 9.]]), (8, 40))
     tensor([[ 0.,  2., 40.,  8.]])
     """
-    check_last_dim("boxes", boxes, 4)
+    boxes = _boxes_arg("boxes", boxes)
     h, w = _image_size(image_size)
     x = boxes[..., 0::2].clamp(min=0, max=w)
     y = boxes[..., 1::2].clamp(min=0, max=h)
@@ -152,9 +225,12 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
 
 def _image_size(image_size: tuple[int, int]) -> tuple[int, int]:
     try:
-        h, w = (int(s) for s in image_size)
-    except (TypeError, ValueError):
+        values = tuple(image_size)
+    except TypeError:
         raise InvalidArgumentError(f"image_size: expected (H, W), got {image_size!r}") from None
+    if len(values) != 2:
+        raise InvalidArgumentError(f"image_size: expected (H, W), got {image_size!r}")
+    h, w = (int(check_real("image_size", v)) for v in values)
     if h <= 0 or w <= 0:
         raise InvalidArgumentError(f"image_size: expected positive (H, W), got {(h, w)}")
     return h, w
@@ -183,21 +259,26 @@ def sanitize_boxes(
 
     Repairs: swapped corners are reordered; with ``image_size`` boxes are clipped to the image.
     Drops: rows with a non-finite coordinate, or whose width or height (after repair) is below
-    ``min_size`` pixels (this includes boxes entirely outside the image).
+    ``min_size`` pixels (this includes boxes entirely outside the image). This is the one function
+    that accepts NaN / +-inf coordinates: it exists to remove them and report which rows it removed
+    (every other op raises ``NonFiniteError``). Integer boxes are promoted to the default float dtype.
 
     >>> r = sanitize_boxes(torch.tensor([[5., 5., 1., 1.], [0., 0., 0., 9.]]), image_size=(8, 8))
     >>> r.boxes, r.keep
     (tensor([[1., 1., 5., 5.]]), tensor([ True, False]))
     """
+    boxes = as_tensor("boxes", boxes, expected="Tensor[N, 4]")
     check_last_dim("boxes", boxes, 4, "Tensor[N, 4]")
+    boxes = as_floating("boxes", boxes)
     if boxes.ndim != 2:
         raise ShapeError(f"boxes: expected Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    if labels is not None:
+        labels = as_tensor("labels", labels, expected="Tensor[N]")
     if labels is not None and labels.shape != boxes.shape[:1]:
         raise ShapeError(
             f"labels: expected Tensor[{boxes.shape[0]}] matching boxes, got shape {tuple(labels.shape)}"
         )
-    if min_size < 0:
-        raise InvalidArgumentError(f"min_size: expected >= 0, got {min_size}")
+    min_size = check_real("min_size", min_size, low=0)
     finite = torch.isfinite(boxes).all(dim=-1)
     safe = torch.where(finite.unsqueeze(-1), boxes, torch.zeros_like(boxes))
     x1 = torch.minimum(safe[:, 0], safe[:, 2])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fewsight.errors import InvalidArgumentError, check_last_dim
+from fewsight.errors import InvalidArgumentError, as_floating, as_tensor, check_finite, check_last_dim, check_real
 
 __all__ = ["BoxCoder", "DEFAULT_SCALE_CLAMP"]
 
@@ -24,7 +24,9 @@ class BoxCoder:
     (:meth:`from_variances`). Decoding clamps ``dw, dh`` (after dividing by the weights) to ``clamp``
     before ``exp``, so wild predictions cannot overflow.
 
-    Computation is in float32 for half-precision inputs; outputs keep the input dtype.
+    Computation is in float32 for half-precision inputs; outputs keep the input dtype, except that
+    integer boxes / anchors are promoted to the default float dtype (integer deltas would truncate to
+    0). Weights and clamp must be finite; NaN / +-inf in any tensor argument raise ``NonFiniteError``.
 
     >>> coder = BoxCoder()
     >>> anchors = torch.tensor([[0., 0., 10., 10.]])
@@ -34,18 +36,21 @@ class BoxCoder:
     """
 
     def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), clamp: float = DEFAULT_SCALE_CLAMP) -> None:
-        weights = tuple(float(w) for w in weights)
-        if len(weights) != 4 or any(w <= 0 for w in weights):
+        try:
+            weights = tuple(weights)
+        except TypeError:
+            raise InvalidArgumentError(f"weights: expected 4 positive numbers, got {weights!r}") from None
+        if len(weights) != 4:
             raise InvalidArgumentError(f"weights: expected 4 positive numbers, got {weights}")
-        self.weights = weights
-        self.clamp = float(clamp)
+        self.weights = tuple(check_real("weights", w, low=0, low_open=True) for w in weights)
+        self.clamp = check_real("clamp", clamp)
 
     @classmethod
     def from_variances(cls, variances: Sequence[float] = (0.1, 0.2), clamp: float = DEFAULT_SCALE_CLAMP) -> BoxCoder:
         """SSD coding (Liu et al. 2016): centre deltas divided by ``variances[0]``, log-sizes by ``variances[1]``."""
-        if len(variances) != 2 or any(v <= 0 for v in variances):
+        if len(variances) != 2:
             raise InvalidArgumentError(f"variances: expected 2 positive numbers, got {tuple(variances)}")
-        c, s = variances
+        c, s = (check_real("variances", v, low=0, low_open=True) for v in variances)
         return cls((1 / c, 1 / c, 1 / s, 1 / s), clamp=clamp)
 
     def __repr__(self) -> str:
@@ -67,8 +72,7 @@ class BoxCoder:
         Boxes of zero width or height would give ``-inf``; their size is floored at a tiny epsilon so
         the result stays finite (callers should sanitise boxes; see :func:`sanitize_boxes`).
         """
-        check_last_dim("boxes", boxes, 4)
-        check_last_dim("anchors", anchors, 4)
+        boxes, anchors = _coder_arg("boxes", boxes), _coder_arg("anchors", anchors)
         out_dtype = torch.promote_types(boxes.dtype, anchors.dtype)
         b, a = self._work(boxes), self._work(anchors)
         eps = torch.finfo(b.dtype).eps
@@ -89,8 +93,7 @@ class BoxCoder:
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """``Tensor[..., 4]`` deltas and broadcastable anchors -> ``Tensor[..., 4]`` xyxy boxes."""
-        check_last_dim("deltas", deltas, 4)
-        check_last_dim("anchors", anchors, 4)
+        deltas, anchors = _coder_arg("deltas", deltas), _coder_arg("anchors", anchors)
         out_dtype = torch.promote_types(deltas.dtype, anchors.dtype)
         d, a = self._work(deltas), self._work(anchors)
         acx, acy, aw, ah = self._centre_size(a)
@@ -101,3 +104,11 @@ class BoxCoder:
         h = torch.exp((d[..., 3] / wh).clamp(max=self.clamp)) * ah
         boxes = torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
         return boxes.to(out_dtype)
+
+
+def _coder_arg(name: str, t: object) -> Tensor:
+    t = as_tensor(name, t, expected="Tensor[..., 4]")
+    check_last_dim(name, t, 4)
+    t = as_floating(name, t)
+    check_finite(name, t)
+    return t

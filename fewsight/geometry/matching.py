@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_last_dim
+from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, as_tensor, check_last_dim, check_real
+from fewsight.geometry.boxes import coordinate_work
 
 __all__ = ["BACKGROUND", "IGNORE", "Match", "match"]
 
@@ -99,7 +100,10 @@ class _IoUBlock:
         return inter.div_((area + self.gt_area[image, slot]).sub_(inter))
 
 
-def _validate(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> tuple[Tensor, Tensor]:
+def _validate(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    anchors = as_tensor("anchors", anchors, expected="Tensor[A, 4] or Tensor[B, A, 4]")
+    gt_boxes = as_tensor("gt_boxes", gt_boxes, expected="Tensor[B, G, 4]")
+    gt_valid = None if gt_valid is None else as_tensor("gt_valid", gt_valid, expected="Bool[B, G]")
     check_last_dim("anchors", anchors, 4, "Tensor[A, 4] or Tensor[B, A, 4]")
     check_last_dim("gt_boxes", gt_boxes, 4, "Tensor[B, G, 4]")
     if anchors.ndim not in (2, 3):
@@ -120,10 +124,16 @@ def _validate(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> tup
     if gt_valid.dtype != torch.bool:
         raise DTypeError(f"gt_valid: expected a bool tensor, got dtype {gt_valid.dtype}")
     work = torch.float64 if torch.float64 in (anchors.dtype, gt_boxes.dtype) else torch.float32
+    # Padding rows (gt_valid False) may hold anything; a NaN in a real row is an error, not a row to
+    # match against (it would make every IoU of its image NaN and shadow the valid rows).
+    work, scale = coordinate_work((("anchors", anchors, None), ("gt_boxes", gt_boxes, gt_valid)), work)
     anchors = anchors.to(device=gt_boxes.device, dtype=work)
+    gt_boxes = torch.where(gt_valid.unsqueeze(-1), gt_boxes.to(work), gt_boxes.new_zeros((), dtype=work))
+    if scale != 1.0:
+        anchors, gt_boxes = anchors * scale, gt_boxes * scale
     if anchors.ndim == 2:
         anchors = anchors.unsqueeze(0)
-    return anchors, gt_valid
+    return anchors, gt_boxes, gt_valid
 
 
 def match(
@@ -171,6 +181,9 @@ def match(
         >>> match(anchors, gt).indices
         tensor([[ 0, -1,  0]])
     """
+    object_threshold = check_real("object_threshold", object_threshold)
+    background_threshold = check_real("background_threshold", background_threshold)
+    ignore_threshold = check_real("ignore_threshold", ignore_threshold)
     if not 0.0 < object_threshold <= 1.0:
         # 0 would make IoU-0 anchors positive, matched to whichever row (padding included) comes first.
         raise InvalidArgumentError(f"object_threshold: expected a value in (0, 1], got {object_threshold}")
@@ -185,8 +198,7 @@ def match(
         max_block_elements = _CPU_BLOCK if gt_boxes.device.type == "cpu" else _GPU_BLOCK
     if max_block_elements < 1:
         raise InvalidArgumentError(f"max_block_elements: expected >= 1, got {max_block_elements}")
-    anchors, gt_valid = _validate(anchors, gt_boxes, gt_valid)
-    gt = gt_boxes.to(anchors.dtype)
+    anchors, gt, gt_valid = _validate(anchors, gt_boxes, gt_valid)
     batch, num_gt = gt.shape[:2]
     num_anchors = anchors.shape[1]
     device, work = gt.device, anchors.dtype
@@ -307,6 +319,7 @@ def _apply_ignore_regions(
     threshold: float,
     max_block_elements: int,
 ) -> Tensor:
+    regions = as_tensor("ignore_regions", regions, expected="Tensor[B, R, 4]")
     check_last_dim("ignore_regions", regions, 4, "Tensor[B, R, 4]")
     batch = labels.shape[0]
     if regions.ndim != 3 or regions.shape[0] != batch:
@@ -322,7 +335,8 @@ def _apply_ignore_regions(
         )
     if regions.shape[1] == 0:
         return labels
-    regions = regions.to(anchors.dtype)
+    coordinate_work((("ignore_regions", regions, regions_valid),), regions.dtype if regions.is_floating_point() else torch.float32)
+    regions = torch.where(regions_valid.unsqueeze(-1), regions.to(anchors.dtype), regions.new_zeros((), dtype=anchors.dtype))
     num_anchors = labels.shape[1]
     step = max(1, max_block_elements // (batch * regions.shape[1]))
     hit_parts = []

@@ -185,8 +185,10 @@ def test_box_iou_errors_name_argument_and_shapes():
     assert "(4,)" in str(e.value)
     with pytest.raises(ValueError):  # ShapeError is a ValueError
         box_iou(torch.zeros(3, 5), torch.zeros(2, 4))
+    # nested lists are converted at the boundary; what cannot become a tensor is a DTypeError
+    assert box_iou([[0, 0, 1, 1]], torch.zeros(2, 4)).shape == (1, 2)
     with pytest.raises(DTypeError):
-        box_iou([[0, 0, 1, 1]], torch.zeros(2, 4))
+        box_iou("0 0 1 1", torch.zeros(2, 4))
 
 
 # ----------------------------------------------------------------------------------------- box_ioa
