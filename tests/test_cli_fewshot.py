@@ -137,8 +137,11 @@ def test_enroll_with_a_crop_embedder_then_predict(tmp_path, digits_model, capsys
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["classes"] == [*BASE, "8", "9"]
     # A second embedder is refused.
     capsys.readouterr()
-    assert main([*argv[:2], str(out), *argv[3:]]) == 1
+    assert main([*argv[:2], str(out), *argv[3:-1], str(tmp_path / "again.pt")]) == 1
     assert "already has a crop embedder" in capsys.readouterr().err
+    # Writing the result over the --checkpoint it was read from is refused before any work.
+    assert main([*argv[:2], str(out), *argv[3:]]) == 1
+    assert "--out: expected an output path other than the input" in capsys.readouterr().err
 
 
 def test_enroll_bad_inputs(tmp_path, digits_model, retinanet_file, capsys):

@@ -9,8 +9,10 @@ from typing import Any
 from fewsight.cli.common import (
     add_enroll_settings,
     enroll_settings,
+    check_float,
     flag_errors,
     load_dldenet,
+    output_dir,
     parse_device,
     with_crop_embedder,
 )
@@ -95,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--num-images", args.num_images), ("--seeds", getattr(args, "seeds", 1))):
         if value < 1:
             raise InvalidArgumentError(f"{flag}: expected an int >= 1, got {value}")
+    inputs = [getattr(args, k, None) for k in ("checkpoint", "embedder", "crop_embedder", "reference", "data", "support",
+                                                 "emoji_root")]
+    output_dir(args.out, inputs, names=["results.json", "fewshot.png", "fewshot_google.png", "fewshot_twitter.png"])
     if args.bench == "retrieval":
         return _retrieval(args)
+    check_float("--finetune-lr", args.finetune_lr, low=0.0, low_open=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data == "emoji":

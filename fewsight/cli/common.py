@@ -10,6 +10,9 @@ from typing import Any
 
 __all__ = [
     "add_data_source",
+    "check_float",
+    "output_dir",
+    "output_file",
     "add_enroll_settings",
     "enroll_settings",
     "flag_errors",
@@ -154,3 +157,97 @@ def enroll_settings(args: argparse.Namespace) -> Any:
 
     with flag_errors("--rivalry", "rivalry"):
         return EnrollSettings(calibrate=args.calibrate, rivalry=args.rivalry)
+
+
+# -- command-line values and output paths ---------------------------------------------------------
+
+
+def check_float(flag: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float | None:
+    """``value`` unchanged when it is ``None`` or a finite number in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); otherwise :class:`~fewsight.errors.InvalidArgumentError` naming ``flag``."""
+    import math
+
+    from fewsight.errors import InvalidArgumentError
+
+    if value is None:
+        return None
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"<= {high:g}"
+    wanted = "a finite number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+    bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+           or (high is not None and value > high))
+    if bad:
+        raise InvalidArgumentError(f"{flag}: expected {wanted}, got {value!r}")
+    return value
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _existing_parent_file(path: Path) -> Path | None:
+    """The first ancestor of ``path`` that exists and is not a folder (``None``: the folders can be made)."""
+    for parent in reversed(path.absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def _inputs(inputs: Sequence[str | Path | None]) -> list[Path]:
+    return [Path(p) for p in inputs if p is not None and str(p) not in ("", "digits", "emoji")]
+
+
+def output_dir(path: str | Path, inputs: Sequence[str | Path | None] = (), *, names: Sequence[str] = (),
+               flag: str = "--out") -> Path:
+    """The output folder ``path`` of a command, checked before any work.
+
+    Refuses (:class:`~fewsight.errors.InvalidArgumentError` naming ``flag``) a ``path`` that is an
+    existing file or lies under one, that is one of the ``inputs`` folders (outputs would mix with
+    the inputs, and a later run would read them), or whose files ``names`` would replace one of the
+    ``inputs`` files. ``inputs``: the command's input files and folders (``None`` / ``'digits'``
+    entries are skipped).
+    """
+    from fewsight.errors import InvalidArgumentError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{flag}: expected a folder, got the existing file {out}")
+    blocker = _existing_parent_file(out)
+    if blocker is not None:
+        raise InvalidArgumentError(f"{flag}: expected a folder that can be created, got {out} (under the file {blocker})")
+    for item in _inputs(inputs):
+        if item.is_dir() and _same(item, out):
+            raise InvalidArgumentError(f"{flag}: expected a folder other than the input folder {item} "
+                                       "(outputs would be written among the inputs)")
+    for name in names:
+        _not_an_input(flag, out / name, inputs)
+    return out
+
+
+def output_file(path: str | Path, inputs: Sequence[str | Path | None] = (), *, flag: str = "--out") -> Path:
+    """The output file ``path`` of a command, checked before any work: not an existing folder, not under
+    an existing file, and not one of the ``inputs`` (no command writes over its inputs)."""
+    from fewsight.errors import InvalidArgumentError
+
+    out = Path(path)
+    if out.is_dir():
+        raise InvalidArgumentError(f"{flag}: expected a file name, got the existing folder {out}")
+    blocker = _existing_parent_file(out)
+    if blocker is not None:
+        raise InvalidArgumentError(f"{flag}: expected a file in a folder that can be created, got {out} "
+                                   f"(under the file {blocker})")
+    _not_an_input(flag, out, inputs)
+    return out
+
+
+def _not_an_input(flag: str, out: Path, inputs: Sequence[str | Path | None]) -> None:
+    from fewsight.errors import InvalidArgumentError
+
+    for item in _inputs(inputs):
+        if _same(item, out):
+            raise InvalidArgumentError(f"{flag}: expected an output path other than the input {item} "
+                                       f"(it would be overwritten by {out})")

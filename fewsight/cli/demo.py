@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import print_metrics
+from fewsight.cli.common import output_dir, print_metrics
 
 NAME = "demo"
 
@@ -29,6 +29,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fewsight.train.demo import run_demo
 
+    output_dir(args.out, [args.config], names=["config.yaml", "metrics.json", "detections.png", "model.pt"])
     metrics = run_demo(
         args.out, config=args.config, overrides=args.overrides, threads=args.threads, progress=not args.quiet
     )

@@ -10,6 +10,7 @@ from fewsight.cli.common import (
     add_enroll_settings,
     enroll_settings,
     load_dldenet,
+    output_file,
     support_dataset,
     with_crop_embedder,
 )
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from fewsight.fewshot import enroll_from_dataset
     from fewsight.hub import save_model
 
+    output_file(args.out, [args.checkpoint, args.crop_embedder, args.support, args.images])
     model = load_dldenet(args.checkpoint)
     if args.crop_embedder is not None and hasattr(model, "embedder"):
         raise InvalidArgumentError(f"--crop-embedder: expected a plain DLDENet --checkpoint, got {args.checkpoint}, "

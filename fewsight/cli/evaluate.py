@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import add_data_source, eval_dataset, print_metrics
+from fewsight.cli.common import add_data_source, eval_dataset, output_dir, print_metrics
 
 NAME = "eval"
 
@@ -32,19 +31,23 @@ def run(args: argparse.Namespace) -> int:
     from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
     from fewsight.hub import load_model
 
+    out = None if args.out is None else output_dir(
+        args.out, [args.checkpoint, args.data, args.images], names=["metrics.json", "pr_curve.png", "detections.png"])
     model = load_model(args.checkpoint)
     classes = list(model.classes)
     dataset = eval_dataset(args, classes)
     if len(dataset) == 0:
         raise DataError(args.data, "the dataset has no images")
     metrics, predictions = evaluate_model(
-        model, dataset, args.batch_size, class_names=classes, progress=not args.quiet, pr_curves=bool(args.out),
+        model, dataset, args.batch_size, class_names=classes, progress=not args.quiet, pr_curves=out is not None,
         return_predictions=True,
     )
     curves = metrics.pop("pr_curves", None)
+    if metrics.get("num_ground_truth") == 0:
+        raise DataError(args.data, f"no ground-truth boxes in its {len(dataset)} image(s): there is nothing to score "
+                        "the detections against (is it a labelled dataset of the model's classes?)")
     print_metrics(metrics)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         write_json(metrics, out / "metrics.json")
         if curves is not None:
             plot_precision_recall(curves, path=out / "pr_curve.png")

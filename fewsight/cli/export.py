@@ -22,9 +22,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewsight.models import export_onnx
+    from fewsight.cli.common import output_file
     from fewsight.hub import load_model
+    from fewsight.models import export_onnx
 
+    output_file(args.out, [args.checkpoint])
     model = load_model(args.checkpoint)
     info = export_onnx(model, args.out, image_size=tuple(args.image_size), opset=args.opset)
     h, w = args.image_size

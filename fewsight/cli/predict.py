@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import image_files
+from fewsight.cli.common import check_float, image_files, output_dir
 
 NAME = "predict"
 
@@ -31,24 +31,19 @@ def run(args: argparse.Namespace) -> int:
     from fewsight.eval import detections_to_json, plot_detections, predict, write_json
     from fewsight.hub import load_model
 
+    check_float("--score-threshold", args.score_threshold, low=0.0, high=1.0)
     files = image_files(args.images)
+    names = _output_names(files)
+    out = output_dir(args.out, [args.checkpoint, *args.images, *files],
+                     names=[f"{n}{ext}" for n in names for ext in (".png", ".json")] + ["predictions.json"])
     images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
     model = load_model(args.checkpoint)
     classes = list(model.classes)
     predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = []
-    used: set[str] = set()
-    for f, image, pred in zip(files, images, predictions):
+    for f, name, image, pred in zip(files, names, images, predictions):
         keep = pred["scores"] >= args.score_threshold
         kept = {k: v[keep] for k, v in pred.items()}
-        name = f.stem
-        k = 1
-        while name in used:
-            name = f"{f.stem}_{k}"
-            k += 1
-        used.add(name)
         dets = detections_to_json(kept, classes)
         plot_detections(image, kept, None, classes, out / f"{name}.png", score_threshold=args.score_threshold)
         write_json({"image": str(f), "detections": dets}, out / f"{name}.json")
@@ -58,3 +53,16 @@ def run(args: argparse.Namespace) -> int:
                out / "predictions.json")
     print(f"wrote {len(files)} image(s) to {out}")
     return 0
+
+
+def _output_names(files: list[Path]) -> list[str]:
+    """One output stem per image: its own, with ``_1``, ``_2`` ... for repeated stems."""
+    used: set[str] = set()
+    names = []
+    for f in files:
+        name, k = f.stem, 1
+        while name in used:
+            name, k = f"{f.stem}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import image_files, load_dldenet
+from fewsight.cli.common import check_float, image_files, load_dldenet, output_dir, output_file
 
 NAME = "search"
 
@@ -62,6 +62,25 @@ def _embedder(path: str | None) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.search == "index":
+        check_float("--score-threshold", args.score_threshold, low=0.0, high=1.0)
+        files = image_files(args.images)
+        gallery_file, images_file = _gallery_paths(args.out)
+        inputs = [args.checkpoint, args.embedder, *args.images, *files]
+        output_dir(images_file.parent, inputs)
+        output_file(gallery_file, inputs)
+        output_file(images_file, inputs)
+    else:
+        if args.k < 1:
+            from fewsight.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"--k: expected an int >= 1, got {args.k}")
+        for v in args.box or ():
+            check_float("--box", v)
+        if args.out is not None:
+            gallery_file, images_file = _gallery_paths(args.gallery)
+            output_dir(args.out, [args.checkpoint, args.embedder, args.gallery, gallery_file, images_file, args.image],
+                       names=["results.json", "results.png"])
     model = load_dldenet(args.checkpoint)
     if args.search == "index":
         return _index(args, model, _embedder(args.embedder))
@@ -74,7 +93,7 @@ def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     from fewsight.retrieval import index_images
 
     files = image_files(args.images)
-    images = [load_image(f) for f in files]
+    images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
     gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size,
                            embedder=embedder)
     gallery_file, images_file = _gallery_paths(args.out)
@@ -82,6 +101,24 @@ def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     write_json({"images": [str(f) for f in files], "embedder": args.embedder}, images_file)
     print(f"indexed {len(gallery)} object(s) from {len(files)} image(s); wrote {gallery_file}")
     return 0
+
+
+def _read_images_json(path: Path) -> dict[str, Any]:
+    """The image list ``search index`` wrote beside the gallery (``{}`` when absent)."""
+    from fewsight.errors import DataError
+
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"expected the JSON that `fewsight search index` writes, got unreadable text ({exc})") from None
+    images = info.get("images") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (images is None or (isinstance(images, list)
+                                                              and all(isinstance(p, str) for p in images))):
+        raise DataError(path, 'expected a JSON object {"images": [paths], "embedder": ...}, got '
+                        f"{type(info).__name__ if not isinstance(info, dict) else 'another layout'}")
+    return info
 
 
 def _crop(image: Any, box: Any) -> Any:
@@ -99,7 +136,7 @@ def _query(args: argparse.Namespace, model: Any, embedder: Any) -> int:
 
     gallery_file, images_file = _gallery_paths(args.gallery)
     gallery = Gallery.load(gallery_file)
-    info = json.loads(images_file.read_text()) if images_file.is_file() else {}
+    info = _read_images_json(images_file)
     paths = info.get("images")
     if bool(info.get("embedder")) != (embedder is not None):
         built = f"with the crop embedder {info['embedder']}" if info.get("embedder") else "with the detector's embedding"
@@ -114,13 +151,17 @@ def _query(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     if gallery.dim is not None and query.shape[0] != gallery.dim:
         raise DataError(gallery_file, f"the gallery holds {gallery.dim}-D embeddings, the model gives {query.shape[0]}-D")
     reference = gallery.embeddings() if args.csls and len(gallery) else None
-    found = gallery.search(query[None], k=args.k, csls_reference=reference)
+    # At most every gallery item: a huge --k allocates nothing more.
+    found = gallery.search(query[None], k=max(1, min(args.k, len(gallery))), csls_reference=reference)
     rows = []
     names = list(model.classes)
     for rank, (i, score) in enumerate(zip(found.indices[0].tolist(), found.scores[0].tolist()), start=1):
         if i < 0:
             break
         image_id = int(found.image_ids[0, rank - 1])
+        if paths and not 0 <= image_id < len(paths):
+            raise DataError(images_file, f"expected an image path for each image id of {gallery_file}, got "
+                            f"{len(paths)} path(s) and image id {image_id}")
         label = int(found.labels[0, rank - 1])
         row = {"rank": rank, "score": round(score, 4), "image": paths[image_id] if paths else image_id,
                "box": [round(v, 1) for v in found.boxes[0, rank - 1].tolist()],

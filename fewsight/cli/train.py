@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from fewsight.cli.common import print_metrics
+from fewsight.cli.common import output_dir, print_metrics
 
 NAME = "train"
 
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides.append("trainer.progress_bar=false")
     cfg = load_config(args.config, overrides)
+    output_dir(cfg.out_dir, [args.config], names=["config.yaml", "metrics.json", "model.pt", "embedder.pt"],
+               flag="--out" if args.out else "out_dir")
     result = train(cfg)
     metrics = getattr(result, "metrics", None)
     if metrics is not None and "map50" in metrics:

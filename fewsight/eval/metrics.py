@@ -5,7 +5,8 @@ is the stateful form (``update`` per batch, ``compute``, ``reset``) used by vali
 return a plain dict::
 
     {"map": AP@[.50:.95], "map50": AP@.50, "map75": AP@.75, "mar100": AR@100,
-     "per_class": {name: {"ap": ..., "ap50": ..., "ar100": ...}}, "num_images": n}
+     "per_class": {name: {"ap": ..., "ap50": ..., "ar100": ...}}, "num_images": n,
+     "num_ground_truth": ground-truth boxes}
 
 All values are Python floats. A quantity COCO leaves undefined (no ground truth at all, or none of
 a class) is ``nan`` (COCO's ``-1``); :func:`fewsight.eval.write_json` writes it as ``null``.
@@ -172,6 +173,7 @@ class DetectionEvaluator(nn.Module):
         self.coco = _make_metric(None, self.max_detections, self.with_pr_curves, distributed)
         self.ap50 = _make_metric([0.5], self.max_detections, False, distributed)
         self.num_images = 0
+        self.num_ground_truth = 0
         #: ``{"recall": Tensor[R], "precision": {name: Tensor[R]}}`` at IoU 0.5 after ``compute()``
         #: when ``pr_curves=True`` (a class without ground truth has no curve).
         self.pr_curves: dict[str, Any] | None = None
@@ -194,11 +196,13 @@ class DetectionEvaluator(nn.Module):
         self.coco.update(preds, gts)
         self.ap50.update(preds, gts)
         self.num_images += len(preds)
+        self.num_ground_truth += sum(int(t["labels"].numel()) for t in gts)
 
     def reset(self) -> None:
         self.coco.reset()
         self.ap50.reset()
         self.num_images = 0
+        self.num_ground_truth = 0
 
     def _name(self, label: int) -> str:
         if self.class_names is not None and 0 <= label < len(self.class_names):
@@ -233,6 +237,7 @@ class DetectionEvaluator(nn.Module):
             per_class = dict(sorted(per_class.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0))
         result["per_class"] = per_class
         result["num_images"] = self.num_images  # in this process (not gathered across DDP ranks)
+        result["num_ground_truth"] = self.num_ground_truth
         self.pr_curves = self._pr_curves(coco, classes) if self.with_pr_curves else None
         return result
 
