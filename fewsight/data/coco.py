@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fewsight._io import atomic_write_bytes, read_json, short_repr
 from fewsight.data.dataset import ImageFileDataset, Target, _Entry
 from fewsight.errors import DataError, InvalidArgumentError
 
@@ -36,6 +37,20 @@ __all__ = ["COCODataset", "write_coco"]
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    # Ids are compared and hashed: a list or object would raise TypeError far from the file.
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _crowd_flag(v: Any) -> bool | None:
+    """``iscrowd`` as a bool: only ``0`` / ``1`` / ``false`` / ``true`` (``None`` for anything else)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    return None
 
 
 class COCODataset(ImageFileDataset):
@@ -48,11 +63,15 @@ class COCODataset(ImageFileDataset):
             categories are left out. ``None``: every category, ordered by id.
         transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
 
-    Errors (:class:`~fewsight.errors.DataError` naming the file): missing, empty or malformed JSON
-    (always raised: nothing would be left), no ``categories``, an annotation whose ``category_id``
-    is not among the categories or whose ``image_id`` is not among the images, a malformed
-    ``bbox``, a missing or unreadable image. With ``on_error="skip"`` the faulty annotation's image
-    (or the unreadable image) is skipped and recorded in ``skipped``.
+    Errors (:class:`~fewsight.errors.DataError` naming the file): a missing or empty file, text that
+    is not UTF-8, malformed or too deeply nested JSON, no ``categories``, a malformed category or
+    image entry, two categories with one id or one name (always raised: nothing sound would be
+    left); an annotation whose ``category_id`` is not among the categories or whose ``image_id`` is
+    not among the images, a malformed ``bbox``, an ``iscrowd`` other than ``0`` / ``1`` / ``false``
+    / ``true`` (a string such as ``"0"`` included), a missing or unreadable image. With
+    ``on_error="skip"`` the faulty annotation's image (or the unreadable image) is skipped and
+    recorded in ``skipped``. Boxes with a non-finite value are dropped and counted in
+    ``num_boxes_dropped``.
     """
 
     def __init__(
@@ -71,11 +90,23 @@ class COCODataset(ImageFileDataset):
         cats = data["categories"]
         cat_by_id: dict[int, str] = {}
         for c in cats:
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
-                raise DataError(ann_file, f"malformed category {c!r}: expected {{'id': int, 'name': str}}")
+            if (
+                not isinstance(c, dict)
+                or not isinstance(c.get("id"), int)
+                or isinstance(c["id"], bool)
+                or not isinstance(c.get("name"), (str, int))
+                or isinstance(c["name"], bool)
+            ):
+                raise DataError(ann_file, f"malformed category {short_repr(c)}: expected {{'id': int, 'name': str}}")
             if c["id"] in cat_by_id:
                 raise DataError(ann_file, f"duplicate category id {c['id']}")
-            cat_by_id[c["id"]] = str(c["name"])
+            name = str(c["name"])
+            if name in cat_by_id.values():
+                first = next(i for i, n in cat_by_id.items() if n == name)
+                raise DataError(
+                    ann_file, f"expected distinct category names, got {name!r} for ids {first} and {c['id']}"
+                )
+            cat_by_id[c["id"]] = name
         ordered = sorted(cat_by_id)
         if classes is None:
             names = [cat_by_id[i] for i in ordered]
@@ -99,8 +130,10 @@ class COCODataset(ImageFileDataset):
         images: dict[Any, dict[str, Any]] = {}
         order: list[Any] = []
         for im in data["images"]:
-            if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
-                raise DataError(ann_file, f"malformed image entry {im!r}: expected {{'id', 'file_name'}}")
+            if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str):
+                raise DataError(
+                    ann_file, f"malformed image entry {short_repr(im)}: expected {{'id': int or str, 'file_name': str}}"
+                )
             if im["id"] in images:
                 raise DataError(ann_file, f"duplicate image id {im['id']!r}")
             images[im["id"]] = im
@@ -111,26 +144,33 @@ class COCODataset(ImageFileDataset):
         bad: set[Any] = set()
         for a in data.get("annotations", []):
             if not isinstance(a, dict):
-                self._fail(ann_file, f"malformed annotation {a!r}")
+                self._fail(ann_file, f"malformed annotation {short_repr(a)}: expected an object")
                 continue
-            aid = a.get("id", "?")
+            aid = short_repr(a.get("id", "?"))
             iid = a.get("image_id")
-            if iid not in images:
-                self._fail(ann_file, f"annotation {aid}: image_id {iid!r} is not among the images")
+            if not _is_id(iid) or iid not in images:
+                self._fail(ann_file, f"annotation {aid}: image_id {short_repr(iid)} is not among the images")
                 continue
             cid = a.get("category_id")
-            if cid not in cat_by_id:
+            if not _is_id(cid) or cid not in cat_by_id:
                 self._fail(
-                    ann_file, f"annotation {aid}: category_id {cid!r} is not among the categories {ordered}"
+                    ann_file, f"annotation {aid}: category_id {short_repr(cid)} is not among the categories {ordered}"
                 )
                 bad.add(iid)
                 continue
             bbox = a.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                self._fail(ann_file, f"annotation {aid}: expected bbox [x, y, w, h] numbers, got {bbox!r}")
+                self._fail(ann_file, f"annotation {aid}: expected bbox [x, y, w, h] numbers, got {short_repr(bbox)}")
                 bad.add(iid)
                 continue
-            if a.get("iscrowd", 0):
+            crowd = _crowd_flag(a.get("iscrowd", 0))
+            if crowd is None:
+                self._fail(
+                    ann_file, f"annotation {aid}: expected iscrowd 0 or 1 (or false / true), got {short_repr(a['iscrowd'])}"
+                )
+                bad.add(iid)
+                continue
+            if crowd:
                 self.num_crowd += 1
                 continue
             if cid not in label_of:
@@ -154,15 +194,7 @@ class COCODataset(ImageFileDataset):
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any]:
-        if not path.is_file():
-            raise DataError(path, "annotation file not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise DataError(path, "annotation file is empty")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"malformed JSON ({exc})") from exc
+        data = read_json(path)
         if not isinstance(data, dict):
             raise DataError(path, f"expected a JSON object with 'images' and 'categories', got {type(data).__name__}")
         for key in ("images", "categories"):
@@ -217,7 +249,4 @@ def write_coco(
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": str(n), "supercategory": ""} for k, n in enumerate(classes)],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return atomic_write_bytes(json.dumps(data).encode("utf-8"), path)

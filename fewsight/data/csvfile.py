@@ -2,9 +2,12 @@
 
 One object per row: ``image_path,x1,y1,x2,y2,class_name`` (absolute pixel xyxy; the layout of
 keras-retinanet). A row ``image_path,,,,,`` lists an image without objects. Rows of the same image
-need not be adjacent; images keep the order of their first row. A header row is detected when the
-coordinate columns of the first row are not numbers. Relative image paths are relative to
-``image_dir`` (default: the CSV file's folder).
+need not be adjacent; images keep the order of their first row. The first row is a header when it
+has six cells whose coordinate columns are named ``x1,y1,x2,y2`` or ``xmin,ymin,xmax,ymax`` (any
+case; the image and class columns may have any name); any other first row is data, so a first row
+that is short or not numeric is an error naming line 1 rather than a header taken on trust.
+Relative image paths are relative to ``image_dir`` (default: the CSV file's folder). The file is
+strict UTF-8 (a leading byte-order mark is allowed).
 
 Example:
     >>> import tempfile, torch
@@ -22,26 +25,37 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fewsight._io import atomic_write_bytes, read_text, short_repr
 from fewsight.data.dataset import ImageFileDataset, Target, _Entry
 from fewsight.errors import DataError, InvalidArgumentError
 
-__all__ = ["CSV_COLUMNS", "CSVDataset", "write_csv"]
+__all__ = ["CSV_COLUMNS", "CSV_COORDINATE_NAMES", "CSVDataset", "is_csv_header", "write_csv"]
 
 CSV_COLUMNS = ("image", "x1", "y1", "x2", "y2", "class")
 
+#: The spellings of the four coordinate columns that make a first row a header.
+CSV_COORDINATE_NAMES: tuple[tuple[str, str, str, str], ...] = (
+    ("x1", "y1", "x2", "y2"),
+    ("xmin", "ymin", "xmax", "ymax"),
+    ("x_min", "y_min", "x_max", "y_max"),
+)
 
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
+
+def is_csv_header(row: Sequence[str]) -> bool:
+    """Whether ``row`` is a header: six cells whose coordinate columns carry one of
+    :data:`CSV_COORDINATE_NAMES` (case and surrounding spaces ignored).
+
+    >>> is_csv_header(["image", "x1", "y1", "x2", "y2", "class"]), is_csv_header(["a.png", "1", "2", "3", "cat"])
+    (True, False)
+    """
+    return len(row) == 6 and tuple(c.strip().lower() for c in row[1:5]) in CSV_COORDINATE_NAMES
 
 
 class CSVDataset(ImageFileDataset):
@@ -52,13 +66,16 @@ class CSVDataset(ImageFileDataset):
         image_dir: folder relative image paths start from (default: the CSV's folder).
         classes: names in label order; a row with another name is an error naming the class, the
             file and the line. ``None``: the sorted names found.
-        header: whether the first row is a header; ``None`` detects it.
+        header: whether the first row is a header; ``None``: it is one when :func:`is_csv_header`
+            says so.
         transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
 
-    Errors (:class:`~fewsight.errors.DataError` naming the file and line): missing or empty file, a
-    row without 6 columns, a non-numeric coordinate, a row with only some coordinates, an unknown
-    class, a missing or unreadable image. With ``on_error="skip"`` the image of a bad row is
-    skipped entirely (a partly annotated image would teach false negatives).
+    Errors (:class:`~fewsight.errors.DataError` naming the file and line): missing or empty file,
+    text that is not UTF-8, a row without 6 columns (the first row included), a non-numeric
+    coordinate, a row with only some coordinates, an unknown class, a missing or unreadable image.
+    With ``on_error="skip"`` the image of a bad row is skipped entirely (a partly annotated image
+    would teach false negatives). Boxes with a non-finite coordinate are dropped and counted in
+    ``num_boxes_dropped``.
     """
 
     def __init__(
@@ -82,18 +99,17 @@ class CSVDataset(ImageFileDataset):
             min_size=min_size,
         )
         self.csv_file = csv_file
-        if not csv_file.is_file():
-            raise DataError(csv_file, "annotation file not found")
+        text = read_text(csv_file)
+        reader = csv.reader(io.StringIO(text, newline=""))
         try:
-            with csv_file.open(newline="", encoding="utf-8") as f:
-                rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if r and any(c.strip() for c in r)]
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(csv_file, f"cannot parse CSV ({exc})") from exc
+            rows = [(n, r) for n, r in enumerate(reader, start=1) if r and any(c.strip() for c in r)]
+        except csv.Error as exc:
+            raise DataError(csv_file, f"line {reader.line_num}: cannot parse CSV ({exc})") from None
         if not rows:
             raise DataError(csv_file, "annotation file is empty")
-        first = rows[0][1]
+        first_line = rows[0][0]
         if header is None:
-            header = len(first) >= 5 and not all(_is_float(c.strip()) or not c.strip() for c in first[1:5])
+            header = is_csv_header(rows[0][1])
         if header:
             rows = rows[1:]
         image_dir = csv_file.parent if image_dir is None else Path(image_dir)
@@ -104,7 +120,7 @@ class CSVDataset(ImageFileDataset):
         for n, row in rows:
             cells = [c.strip() for c in row]
             if len(cells) != 6:
-                self._fail(csv_file, f"line {n}: expected 6 columns {CSV_COLUMNS}, got {len(cells)}: {row}")
+                self._fail(csv_file, f"line {n}: expected 6 columns {CSV_COLUMNS}, got {len(cells)}: {short_repr(row)}")
                 if cells and cells[0]:
                     bad.add(cells[0])
                 continue
@@ -120,7 +136,8 @@ class CSVDataset(ImageFileDataset):
             try:
                 values = [float(c) for c in coords]
             except ValueError:
-                self._fail(csv_file, f"line {n}: expected numbers x1,y1,x2,y2, got {coords}")
+                hint = " (a header row names the columns image,x1,y1,x2,y2,class)" if n == first_line and not header else ""
+                self._fail(csv_file, f"line {n}: expected numbers x1,y1,x2,y2, got {short_repr(coords)}{hint}")
                 bad.add(img)
                 continue
             if not name:

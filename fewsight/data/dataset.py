@@ -29,7 +29,9 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fewsight._io import short_repr
 from fewsight.errors import DataError, InvalidArgumentError, check_choice
 from fewsight.geometry import sanitize_boxes
 
@@ -74,12 +77,61 @@ class SkippedItem:
         return f"{self.path}: {self.reason}"
 
 
-def load_image(path: str | Path) -> Tensor:
+#: What Pillow raises for a file it cannot read: unknown or truncated data (``OSError``, including
+#: ``UnidentifiedImageError``), malformed headers (``SyntaxError``, ``ValueError``, ``EOFError``,
+#: ``struct.error``, ``IndexError``, ``KeyError``) and images past its pixel limit.
+_PIL_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)  # fmt: skip
+
+
+def _pixel_limit(max_pixels: int | None) -> int | None:
+    if max_pixels is None:
+        return Image.MAX_IMAGE_PIXELS  # read on each call: a caller may have changed Pillow's limit
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise InvalidArgumentError(f"max_pixels: expected a positive int or None, got {max_pixels!r}")
+    return max_pixels
+
+
+@contextmanager
+def _open_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
+    """The one place fewsight opens an image file: Pillow's failures become ``DataError(path, ...)``.
+
+    An image of more than ``max_pixels`` pixels (``None``: Pillow's ``Image.MAX_IMAGE_PIXELS``) is
+    refused before any pixel is decoded, whether Pillow would have warned about it or refused it.
+    """
+    if not path.is_file():
+        raise DataError(path, "image file not found")
+    limit = _pixel_limit(max_pixels)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if limit is not None and w * h > limit:
+                raise DataError(
+                    path,
+                    f"cannot read image: expected at most {limit} pixels, got {w}x{h} = {w * h} "
+                    "(refused as a possible decompression bomb)",
+                )
+            yield im
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(path, f"cannot read image: expected at most {limit} pixels, got more ({exc})") from None
+    except UnidentifiedImageError:
+        raise DataError(path, "cannot read image: expected an image file, got data of no format Pillow knows") from None
+    except _PIL_ERRORS as exc:
+        raise DataError(path, f"cannot decode image: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
+
+
+def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     """Decode an image file to ``Tensor[3, H, W]`` float32 in ``[0, 1]`` (RGB; alpha dropped).
 
     Grayscale, palette and RGBA files are converted to RGB. EXIF orientation is ignored, as in
     ``torchvision.io.decode_image``: annotations refer to the stored pixel grid.
-    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing or corrupt.
+    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing, not an image,
+    truncated or corrupt, or larger than ``max_pixels`` pixels (``None``: Pillow's
+    ``Image.MAX_IMAGE_PIXELS``; Pillow itself refuses twice its limit whatever ``max_pixels`` says).
 
     >>> import tempfile, os
     >>> from PIL import Image
@@ -88,37 +140,28 @@ def load_image(path: str | Path) -> Tensor:
     (torch.Size([3, 3, 5]), 1.0)
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "image file not found")
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit grayscale: PIL's RGB conversion would saturate; scale by the type's range.
-                arr = np.asarray(im, dtype=np.float32)
-                arr = arr / (65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0))
-                arr = np.repeat(arr[:, :, None], 3, axis=2)
-                return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            rgb = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only buffers
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    with _open_image(path, max_pixels) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit grayscale: PIL's RGB conversion would saturate; scale by the type's range.
+            arr = np.asarray(im, dtype=np.float32)
+            arr = arr / (65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0))
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        rgb = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only buffers
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
-def read_image_size(path: str | Path, *, full: bool = False) -> tuple[int, int]:
+def read_image_size(path: str | Path, *, full: bool = False, max_pixels: int | None = None) -> tuple[int, int]:
     """``(H, W)`` of an image file from its header (``full=True`` also decodes every pixel).
 
-    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing or unreadable.
+    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing, unreadable, empty
+    or larger than ``max_pixels`` (see :func:`load_image`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "image file not found")
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if full:
-                im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+    with _open_image(path, max_pixels) as im:
+        w, h = im.size
+        if full:
+            im.load()
     if w <= 0 or h <= 0:
         raise DataError(path, f"image has an empty size {w}x{h}")
     return h, w
@@ -266,6 +309,8 @@ class ImageFileDataset(DetectionDataset):
         min_size: float = 1.0,
     ) -> None:
         super().__init__(classes, transforms=transforms)
+        if len(set(self.classes)) != len(self.classes):
+            raise InvalidArgumentError(f"classes: expected distinct names, got {short_repr(self.classes)}")
         check_choice("on_error", on_error, ON_ERROR)
         if not min_size >= 0:
             raise InvalidArgumentError(f"min_size: expected >= 0, got {min_size}")
@@ -319,6 +364,9 @@ class ImageFileDataset(DetectionDataset):
         bound = hw.flip(-1)  # (W, H) for (x, y)
         clipped = torch.cat((torch.minimum(lo.clamp(min=0), bound), torch.minimum(hi.clamp(min=0), bound)), dim=1)
         finite = torch.isfinite(b).all(dim=1)
+        # Clamping would turn an infinite corner into the image edge: a box with any non-finite
+        # coordinate is dropped (and counted) like any other degenerate box instead.
+        clipped = torch.where(finite.unsqueeze(1), clipped, torch.full_like(clipped, float("nan")))
         result = sanitize_boxes(clipped, torch.as_tensor(labels, dtype=torch.int64), min_size=self.min_size)
         repaired = finite & (clipped != b).any(dim=1) & result.keep
         self.num_boxes_clipped += int(repaired.sum())

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fewsight._io import atomic_write_bytes, read_text, short_repr
 from fewsight.data.dataset import ImageFileDataset, Target, _Entry
 from fewsight.errors import DataError, InvalidArgumentError
 
@@ -60,9 +61,11 @@ class VOCDataset(ImageFileDataset):
         transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
 
     An XML without ``<object>`` is an image without objects (empty target). Errors
-    (:class:`~fewsight.errors.DataError` naming the file): a missing or malformed XML, an object
-    without a name or with a missing / non-numeric ``bndbox`` coordinate, an unknown class, a
-    missing or unreadable image.
+    (:class:`~fewsight.errors.DataError` naming the file): a missing or malformed XML (text is
+    decoded as its XML declaration says, UTF-8 without one; bytes that do not decode are malformed),
+    an object without a name or with a missing / non-numeric ``bndbox`` coordinate, an unknown
+    class, a missing or unreadable image. A box with a non-finite coordinate (``inf``, ``nan``) is
+    dropped and counted in ``num_boxes_dropped``, like any other degenerate box.
     """
 
     def __init__(
@@ -93,9 +96,7 @@ class VOCDataset(ImageFileDataset):
         )
         if image_set is not None:
             list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
-            if not list_file.is_file():
-                raise DataError(list_file, "image-set list not found")
-            ids = [ln.split()[0] for ln in list_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            ids = [ln.split()[0] for ln in read_text(list_file, what="image-set list").splitlines() if ln.strip()]
             xml_files = [ann_path / f"{i}.xml" for i in ids]
         else:
             if not ann_path.is_dir():
@@ -135,7 +136,9 @@ class VOCDataset(ImageFileDataset):
         try:
             tree = ET.parse(xml)
         except ET.ParseError as exc:
-            raise DataError(xml, f"malformed XML ({exc})") from exc
+            raise DataError(xml, f"malformed XML ({exc})") from None
+        except (OSError, RecursionError, ValueError) as exc:
+            raise DataError(xml, f"cannot read XML ({type(exc).__name__}: {exc})") from None
         ann = tree.getroot()
         filename = (ann.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
         boxes: list[list[float]] = []
@@ -156,7 +159,9 @@ class VOCDataset(ImageFileDataset):
                 try:
                     coords.append(float(text))  # type: ignore[arg-type]
                 except (TypeError, ValueError):
-                    raise DataError(xml, f"object {k} ({name}): expected a number in <{tag}>, got {text!r}") from None
+                    raise DataError(
+                        xml, f"object {k} ({name[:60]}): expected a number in <{tag}>, got {short_repr(text)}"
+                    ) from None
             xmin, ymin, xmax, ymax = coords
             boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
             names.append(name)

@@ -27,42 +27,65 @@ from typing import Any
 
 import numpy as np
 
+from fewsight._io import atomic_write_bytes, read_text, short_repr
 from fewsight.data.dataset import ImageFileDataset, Target, _Entry
 from fewsight.errors import DataError, InvalidArgumentError
 
-__all__ = ["IMAGE_EXTENSIONS", "YOLODataset", "read_class_names", "write_yolo"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_CLASS_ID", "YOLODataset", "read_class_names", "write_yolo"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
+#: The largest class id read without a names file: the names ``"0".."K-1"`` are made from the
+#: largest id, so a stray huge id must not allocate that many.
+MAX_CLASS_ID = 99_999
+
+
+def _check_names(path: Path, names: list[Any]) -> list[str]:
+    bad = [n for n in names if not isinstance(n, (str, int, float)) or isinstance(n, bool)]
+    if bad:
+        raise DataError(path, f"expected class names as text, got {short_repr(bad[0])}")
+    out = [str(n) for n in names]
+    seen: dict[str, int] = {}
+    for k, n in enumerate(out):
+        if n in seen:
+            raise DataError(path, f"expected distinct class names, got {n!r} for ids {seen[n]} and {k}")
+        seen[n] = k
+    return out
+
 
 def read_class_names(path: str | Path) -> list[str]:
-    """Class names from ``classes.txt`` (one per line) or a YOLO ``data.yaml`` (``names`` list or dict)."""
+    """Class names from ``classes.txt`` (one per line) or a YOLO ``data.yaml`` (``names`` list or dict).
+
+    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing, not UTF-8,
+    malformed, without names, or names one class twice.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "class-name file not found")
+    text = read_text(path, what="class-name file")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise DataError(path, f"malformed YAML ({exc})") from exc
+            raise DataError(path, f"malformed YAML ({' '.join(str(exc).split())})") from None
+        except RecursionError:
+            raise DataError(path, "expected YAML, got lists or mappings nested too deeply to parse") from None
         names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
             try:
                 keys = sorted(int(k) for k in names)
             except (TypeError, ValueError):
-                raise DataError(path, f"expected integer keys under 'names', got {list(names)}") from None
+                raise DataError(path, f"expected integer keys under 'names', got {short_repr(list(names))}") from None
             if keys != list(range(len(keys))):
-                raise DataError(path, f"expected 'names' keys 0..{len(keys) - 1}, got {keys}")
-            return [str(names[k] if k in names else names[str(k)]) for k in keys]
+                raise DataError(path, f"expected 'names' keys 0..{len(keys) - 1}, got {short_repr(keys)}")
+            return _check_names(path, [names[k] if k in names else names[str(k)] for k in keys])
         if isinstance(names, list):
-            return [str(n) for n in names]
+            return _check_names(path, names)
         raise DataError(path, "expected a 'names' list or mapping")
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not names:
         raise DataError(path, "no class names")
-    return names
+    return _check_names(path, names)
 
 
 def _default_label_dir(image_dir: Path) -> Path:
@@ -97,9 +120,11 @@ class YOLODataset(ImageFileDataset):
             the largest class id found).
         transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
 
-    Errors (:class:`~fewsight.errors.DataError` naming the file and line): a line that is not
-    ``class cx cy w h`` numbers (or a polygon), a class id that is not an integer in
-    ``[0, len(classes))``, a missing image folder, an unreadable image.
+    Errors (:class:`~fewsight.errors.DataError` naming the file and line): a label file that is not
+    UTF-8, a line that is not ``class cx cy w h`` numbers (or a polygon), a class id that is not an
+    integer in ``[0, len(classes))`` (in ``[0, MAX_CLASS_ID]`` without names), a names file with a
+    repeated name, a missing image folder, an unreadable image. Boxes with a non-finite value are
+    dropped and counted in ``num_boxes_dropped``.
     """
 
     def __init__(
@@ -151,20 +176,21 @@ class YOLODataset(ImageFileDataset):
             return np.zeros((0, 4)), np.zeros((0,), dtype=np.int64)
         boxes: list[list[float]] = []
         labels: list[int] = []
-        for n, line in enumerate(txt.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        for n, line in enumerate(read_text(txt, what="label file").splitlines(), start=1):
             tokens = line.split()
             if not tokens:
                 continue
             if len(tokens) != 5 and not (len(tokens) >= 7 and len(tokens) % 2 == 1):
-                raise DataError(txt, f"line {n}: expected 'class cx cy w h', got {line.strip()!r}")
+                raise DataError(txt, f"line {n}: expected 'class cx cy w h', got {short_repr(line.strip())}")
             try:
                 values = [float(v) for v in tokens[1:]]
                 cls = float(tokens[0])
             except ValueError:
-                raise DataError(txt, f"line {n}: expected numbers, got {line.strip()!r}") from None
-            if not math.isfinite(cls) or cls != int(cls) or cls < 0 or (num_classes is not None and cls >= num_classes):
-                known = "" if num_classes is None else f" (expected 0..{num_classes - 1})"
-                raise DataError(txt, f"line {n}: unknown class id {tokens[0]}{known}")
+                raise DataError(txt, f"line {n}: expected numbers, got {short_repr(line.strip())}") from None
+            top = MAX_CLASS_ID if num_classes is None else num_classes - 1
+            if not math.isfinite(cls) or cls != int(cls) or not 0 <= cls <= top:
+                why = f"{num_classes} classes" if num_classes is not None else "the bound without a names file"
+                raise DataError(txt, f"line {n}: unknown class id {tokens[0][:40]}: expected an integer in 0..{top} ({why})")
             if len(values) == 4:
                 cx, cy, w, h = values
                 boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
