@@ -183,21 +183,19 @@ def write_csv(
         raise InvalidArgumentError(
             f"file_names, targets: expected equal lengths, got {len(file_names)}, {len(targets)}"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(CSV_COLUMNS)
-        for i, (name, t) in enumerate(zip(file_names, targets)):
-            b = t["boxes"].detach().cpu().double().reshape(-1, 4).tolist()
-            lab = t["labels"].detach().cpu().reshape(-1).tolist()
-            if not b:
-                w.writerow([str(name), "", "", "", "", ""])
-            for box, k in zip(b, lab):
-                if not 0 <= int(k) < len(classes):
-                    raise InvalidArgumentError(
-                        f"targets[{i}]['labels']: expected labels in [0, {len(classes)}), got {k}"
-                    )
-                w.writerow([str(name), *(repr(v) for v in box), classes[int(k)]])
-    return path
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    if header:
+        w.writerow(CSV_COLUMNS)
+    for i, (name, t) in enumerate(zip(file_names, targets)):
+        b = t["boxes"].detach().cpu().double().reshape(-1, 4).tolist()
+        lab = t["labels"].detach().cpu().reshape(-1).tolist()
+        if not b:
+            w.writerow([str(name), "", "", "", "", ""])
+        for box, k in zip(b, lab):
+            if not 0 <= int(k) < len(classes):
+                raise InvalidArgumentError(
+                    f"targets[{i}]['labels']: expected labels in [0, {len(classes)}), got {k}"
+                )
+            w.writerow([str(name), *(repr(v) for v in box), classes[int(k)]])
+    return atomic_write_bytes(f.getvalue().encode("utf-8"), path)

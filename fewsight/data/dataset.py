@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fewsight._io import short_repr
+from fewsight._io import atomic_write_bytes, short_repr
 from fewsight.errors import DataError, InvalidArgumentError, check_choice
 from fewsight.geometry import sanitize_boxes
 
@@ -170,7 +171,8 @@ def read_image_size(path: str | Path, *, full: bool = False, max_pixels: int | N
 def save_image(image: Tensor, path: str | Path) -> None:
     """Write a ``Tensor[3, H, W]`` (or ``[1, H, W]``/``[H, W]``) float image in ``[0, 1]`` to a file.
 
-    The format follows the suffix (PNG is lossless; use it for round trips).
+    The format follows the suffix (PNG is lossless; use it for round trips); the file is written
+    atomically.
     """
     t = image.detach().to("cpu", torch.float32)
     if t.ndim == 3 and t.shape[0] == 1:
@@ -182,8 +184,13 @@ def save_image(image: Tensor, path: str | Path) -> None:
     elif t.ndim != 2:
         raise InvalidArgumentError(f"image: expected Tensor[3, H, W] or Tensor[H, W], got shape {tuple(t.shape)}")
     arr = t.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InvalidArgumentError(f"path: expected an image file suffix such as '.png', got {str(path)!r}")
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format=fmt)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def check_index(index: Any, n: int) -> int:

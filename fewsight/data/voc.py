@@ -210,6 +210,6 @@ def write_voc(
                 ET.SubElement(bb, tag).text = _fmt(v)
         ET.indent(root)
         path = ann_dir / f"{Path(name).stem}.xml"
-        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+        atomic_write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True), path)
         out.append(path)
     return out

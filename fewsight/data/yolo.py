@@ -216,7 +216,7 @@ def write_yolo(
         )
     label_dir = Path(label_dir)
     label_dir.mkdir(parents=True, exist_ok=True)
-    (label_dir / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+    atomic_write_bytes("".join(f"{c}\n" for c in classes).encode("utf-8"), label_dir / "classes.txt")
     out = []
     for i, (name, (h, w), t) in enumerate(zip(file_names, image_sizes, targets)):
         b = t["boxes"].detach().cpu().double().reshape(-1, 4).tolist()
@@ -228,6 +228,6 @@ def write_yolo(
             cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
             lines.append(f"{int(k)} {cx!r} {cy!r} {bw!r} {bh!r}\n")
         path = label_dir / f"{Path(name).stem}.txt"
-        path.write_text("".join(lines), encoding="utf-8")
+        atomic_write_bytes("".join(lines).encode("utf-8"), path)
         out.append(path)
     return out

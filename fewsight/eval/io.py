@@ -3,7 +3,7 @@
 * :func:`to_jsonable` turns tensors, numpy values, paths and dataclasses into JSON types; ``nan`` /
   ``inf`` (undefined metrics) become ``null`` so the file stays standard JSON.
 * :func:`write_json` writes next to the destination and ``os.replace``-s it in, so a reader never
-  sees a half-written file.
+  sees a half-written file; the file gets the permissions of an ordinary new file (the umask's).
 * :func:`detections_to_json` gives one image's detections as ``[{"box", "score", "label", "class"}]``.
 
 Example:
@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any

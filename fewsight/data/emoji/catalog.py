@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from fewsight._io import read_json
+from fewsight.data.dataset import _open_image
 from fewsight.errors import DataError, InvalidArgumentError, check_choice
 
 __all__ = [
@@ -95,10 +96,7 @@ def _require_root(root: str | Path) -> Path:
 
 
 def _read_catalog(path: Path, style: str) -> dict[str, dict[str, Any]]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"cannot parse emoji.json ({type(exc).__name__}: {exc})") from exc
+    entries = read_json(path, what="emoji.json")
     if not isinstance(entries, list):
         raise DataError(path, f"expected a JSON list of emoji, got {type(entries).__name__}")
     out: dict[str, dict[str, Any]] = {}
@@ -192,14 +190,11 @@ def _emoji_images(root: str, style: str, files: tuple[str, ...]) -> np.ndarray:
     folder = Path(root) / style / "64"
     for i, name in enumerate(files):
         path = folder / name
-        try:
-            with Image.open(path) as im:
-                rgba = im.convert("RGBA")
-                if rgba.size != (_EMOJI_SIDE, _EMOJI_SIDE):
-                    rgba = rgba.resize((_EMOJI_SIDE, _EMOJI_SIDE), Image.LANCZOS)
-                out[i] = np.asarray(rgba)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(path, f"cannot decode emoji image ({type(exc).__name__}: {exc})") from exc
+        with _open_image(path, None) as im:
+            rgba = im.convert("RGBA")
+            if rgba.size != (_EMOJI_SIDE, _EMOJI_SIDE):
+                rgba = rgba.resize((_EMOJI_SIDE, _EMOJI_SIDE), Image.LANCZOS)
+            out[i] = np.asarray(rgba)
     out.flags.writeable = False
     return out
 
