@@ -100,7 +100,7 @@ class CSVDataset(ImageFileDataset):
         )
         self.csv_file = csv_file
         text = read_text(csv_file)
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not a cell
         try:
             rows = [(n, r) for n, r in enumerate(reader, start=1) if r and any(c.strip() for c in r)]
         except csv.Error as exc:
