@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +46,7 @@ __all__ = [
     "MODELS",
     "MODEL_FORMAT",
     "ModelFile",
+    "check_finite_weights",
     "load_checkpoint_file",
     "load_model",
     "model_from_spec",
@@ -74,12 +76,43 @@ def _cpu(storage: Any, _location: str) -> Any:
     return storage
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def short_reason(text: str, limit: int = 200) -> str:
+    """``text`` as one plain line of at most about ``limit`` characters, cut after a whole sentence
+    (or word) rather than mid-word."""
+    text = " ".join(_ANSI.sub("", text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    if cut > 0:
+        return text[: cut + 1]
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > 0 else limit] + " ..."
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line and without torch's advice to
+    turn ``weights_only`` off (fewsight never does: that would run code from the file)."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
+        detail = detail.split(" Please use", 1)[0].split(". ", 1)[0].rstrip(".")
+        return ("it holds Python objects other than tensors and plain containers, which fewsight does not load"
+                + (f" ({short_reason(detail, 160)})" if detail else ""))
+    if isinstance(exc, RuntimeError) and ("zip archive" in text or "PytorchStreamReader" in text):
+        return f"the file is truncated or damaged ({short_reason(text.split('. ', 1)[0], 160)})"
+    reason = short_reason(text, 160)
+    return f"{type(exc).__name__}{': ' + reason if reason else ''}"
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Read a ``torch.save`` file with ``weights_only=True`` onto the CPU.
 
-    Raises :class:`~fewsight.errors.CheckpointError` (with the path and the reason) when the file is
-    missing, empty, truncated, not a torch file, holds objects other than tensors and plain
-    containers, or is not a mapping.
+    Raises :class:`~fewsight.errors.CheckpointError` (one line, with the path and the reason) when
+    the file is missing, empty, truncated, not a torch file, holds objects other than tensors and
+    plain containers, or is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,11 +121,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     try:
         obj = torch.load(path, map_location=_cpu, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}{': ' + reason[:200] if reason else ''})"
-        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError ... for bad files
+        raise CheckpointError(f"{path}: not a readable checkpoint: {_load_failure(exc)}") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a checkpoint mapping, got {type(obj).__name__}")
     return dict(obj)
@@ -164,7 +194,9 @@ def read_model_file(path: str | Path) -> ModelFile:
     return ModelFile(dict(spec), dict(state), metadata)
 
 
-def _check_finite(path: Path, state: Mapping[str, Any]) -> None:
+def check_finite_weights(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Raise :class:`~fewsight.errors.CheckpointError` naming ``path`` and the first tensors of the
+    state dict ``state`` that hold NaN or inf."""
     bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
            and v.numel() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -188,7 +220,7 @@ def load_model(path: str | Path, *, expect: type | tuple[type, ...] | None = Non
     if expect is not None and not isinstance(model, expect):
         wanted = " or ".join(c.__name__ for c in (expect if isinstance(expect, tuple) else (expect,)))
         raise CheckpointError(f"{path}: expected a {wanted} file, got a {type(model).__name__}")
-    _check_finite(path, state)
+    check_finite_weights(path, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--out", help="output folder (overrides out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt if present")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt if present (another checkpoint: --set checkpoint.resume=PATH)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.lr=0.005 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -29,11 +29,11 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fewsight.train import load_config, train
 
-    overrides = list(args.overrides)
+    # --resume first, so that an explicit --set checkpoint.resume=PATH wins.
+    overrides = ["checkpoint.resume=true"] if args.resume else []
+    overrides += list(args.overrides)
     if args.out:
         overrides.append(f"out_dir={json.dumps(str(args.out))}")
-    if args.resume:
-        overrides.append("checkpoint.resume=true")
     if args.quiet:
         overrides.append("trainer.progress_bar=false")
     cfg = load_config(args.config, overrides)

@@ -58,6 +58,8 @@ from fewsight.retrieval.metrics import ordered_topk
 __all__ = ["GALLERY_FORMAT", "Gallery", "SearchResult"]
 
 GALLERY_FORMAT = "fewsight.gallery"
+#: :meth:`Gallery.search` pads its rows to ``k`` columns up to this ``k`` (or the gallery's size, if larger).
+MAX_PADDED_K = 1024
 _VERSION = 1
 _FILE_NAME = "gallery.pt"  # used when save/load is given a folder
 _BLOCK_ELEMENTS = 1 << 22  # CSLS scores: at most this many query x gallery floats at once
@@ -248,7 +250,10 @@ class Gallery:
         """The ``k`` most similar items for each of ``queries: Tensor[Q, D]`` (normalised here).
 
         Returns a :class:`SearchResult` on the queries' device, rows padded with ``-1`` indices when
-        the gallery holds fewer than ``k`` items. Exact: equal to a brute-force cosine top-k.
+        the gallery holds fewer than ``k`` items. Exact: equal to a brute-force cosine top-k. A ``k``
+        beyond both the gallery's size and :data:`MAX_PADDED_K` is clamped to the larger of the two:
+        columns past the gallery's size only hold padding, and a huge ``k`` must not allocate
+        ``Q × k`` of it.
 
         ``csls_reference: Tensor[R, D]``, a sample of the query domain (e.g. training-class objects
         seen the way queries are), ranks by CSLS instead of the cosine:
@@ -260,6 +265,7 @@ class Gallery:
             raise InvalidArgumentError(f"k: expected an int >= 1, got {k!r}")
         x = self._as_faiss_input("queries", queries)
         q, n = x.shape[0], len(self)
+        k = min(k, max(n, MAX_PADDED_K))
         if csls_reference is not None:
             return self._csls_search(x, k, csls_reference, csls_k, queries.device)
         scores = torch.full((q, k), -math.inf, dtype=torch.float32)

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fewsight._io import atomic_write_bytes
-from fewsight.hub import load_checkpoint_file
+from fewsight.hub import check_finite_weights, load_checkpoint_file
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -51,4 +51,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        return load_checkpoint_file(path)
+        ckpt = load_checkpoint_file(path)
+        # NaN / inf weights would train or evaluate silently into NaN.
+        if isinstance(ckpt.get("state_dict"), dict):
+            check_finite_weights(path, ckpt["state_dict"])
+        return ckpt

@@ -50,7 +50,7 @@ from fewsight.retrieval import Whitening, learn_whitening
 from fewsight.train.config import OptimizerConfig, ScheduleConfig
 from fewsight.train.embedder_config import EmbedderLossConfig, EmbedderTrainConfig, save_embedder_config
 from fewsight.train.embedder_data import EmbedderDataModule, build_embedder_data
-from fewsight.train.loop import TrainResult, build_trainer, checkpoint_paths, fit, prepare_run
+from fewsight.train.loop import TrainResult, build_trainer, check_resume, checkpoint_paths, fit, prepare_run
 from fewsight.train.module import lr_factor, parameter_groups
 
 __all__ = ["EmbedderModule", "EmbeddingObjective", "build_objective", "train_embedder"]
@@ -275,6 +275,7 @@ def train_embedder(
     d = cfg.data
     datamodule = EmbedderDataModule(data.train, data.val, classes_per_batch=d.classes_per_batch, items_per_class=d.items_per_class,
                                     passes=d.passes, val_batch_size=d.val_batch_size, num_workers=d.num_workers, seed=cfg.seed)
+    ckpt_path = check_resume(ckpt_path, out_dir / "checkpoints", module.hparams.get("model_spec"))
     trainer = build_trainer(cfg, out_dir, has_val=data.val is not None, callbacks=callbacks)
     if trainer.is_global_zero:
         save_embedder_config(cfg, out_dir / "config.yaml")

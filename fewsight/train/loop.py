@@ -47,6 +47,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from torch import nn
 
@@ -54,14 +55,23 @@ from fewsight.errors import CheckpointError, ConfigError, MissingDependencyError
 from fewsight.eval.evaluate import evaluate_model
 from fewsight.eval.io import write_json
 from fewsight.eval.plots import plot_detection_grid, plot_precision_recall
-from fewsight.hub import save_model
+from fewsight.hub import check_finite_weights, load_checkpoint_file, save_model, short_reason
 from fewsight.train.builders import build_datasets, build_model
 from fewsight.train.checkpoint import AtomicCheckpointIO
 from fewsight.train.config import TrainConfig, load_config, save_config
 from fewsight.train.data import DetectionDataModule, sample_seed
 from fewsight.train.module import DetectorModule
 
-__all__ = ["EpochSeed", "TrainResult", "build_trainer", "checkpoint_paths", "fit", "prepare_run", "train_detector"]
+__all__ = [
+    "EpochSeed",
+    "TrainResult",
+    "build_trainer",
+    "check_resume",
+    "checkpoint_paths",
+    "fit",
+    "prepare_run",
+    "train_detector",
+]
 
 # Any training config (detector or embedder): each has seed, out_dir, trainer and checkpoint sections.
 RunConfig = Any
@@ -166,6 +176,39 @@ def build_trainer(cfg: RunConfig, out_dir: Path, *, has_val: bool, callbacks: Se
         kwargs["limit_val_batches"] = t.limit_val_batches
     if not has_val:
         kwargs["limit_val_batches"] = 0
+    try:
+        return _trainer(cfg, out_dir, cbs, loggers, has_val, kwargs)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        key = _trainer_key(str(exc))
+        value = getattr(t, key.split(".", 1)[1], None) if key != "trainer" else None
+        got = f"{value!r}" if key != "trainer" else "these settings"
+        raise ConfigError(f"{key}: Lightning cannot build a trainer with {got} ({short_reason(str(exc), 160)})") from exc
+
+
+# The trainer key a Lightning configuration error is about, by the words of its message.
+_TRAINER_KEYS = (
+    ("trainer.strategy", ("strategy",)),
+    ("trainer.precision", ("precision",)),
+    ("trainer.num_nodes", ("num_nodes",)),
+    ("trainer.devices", ("devices", "device")),
+    ("trainer.gradient_clip_algorithm", ("gradient_clip_algorithm",)),
+    ("trainer.accelerator", ("accelerator", "gpu", "cuda", "tpu", "mps", "xla", "backend")),
+)
+
+
+def _trainer_key(message: str) -> str:
+    lower = message.lower()
+    for key, words in _TRAINER_KEYS:
+        if any(w in lower for w in words):
+            return key
+    return "trainer"
+
+
+def _trainer(cfg: RunConfig, out_dir: Path, cbs: list[Callback], loggers: list[Any], has_val: bool,
+             kwargs: dict[str, Any]) -> L.Trainer:
+    t = cfg.trainer
     return L.Trainer(
         default_root_dir=str(out_dir),
         max_epochs=t.max_epochs,
@@ -201,6 +244,92 @@ def _resume_path(cfg: RunConfig) -> str | None:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found (checkpoint.resume)")
     return str(path)
+
+
+def _epoch_number(path: Path) -> int:
+    digits = path.stem.split("=", 1)[-1].split("-", 1)[0]
+    return int(digits) if digits.isdigit() else -1
+
+
+def _training_state(path: Path) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path``, its weights finite (CheckpointError otherwise); a model file
+    or another torch file is a ConfigError."""
+    ckpt = load_checkpoint_file(path)
+    if not (isinstance(ckpt.get("state_dict"), Mapping) and "loops" in ckpt and "epoch" in ckpt):
+        what = "a fewsight model file (weights without the training state)" if "format" in ckpt else \
+            f"a torch file with keys {sorted(map(str, ckpt))[:6]}"
+        raise ConfigError(f"checkpoint.resume: expected a Lightning training checkpoint (last.ckpt or epoch=NNN.ckpt "
+                          f"under OUT/checkpoints), got {path}, {what}")
+    check_finite_weights(path, ckpt["state_dict"])
+    return ckpt
+
+
+def _newest_intact(folder: Path, exclude: Path) -> Path | None:
+    candidates = sorted((p for p in folder.glob("epoch=*.ckpt") if p.resolve() != exclude.resolve()),
+                        key=_epoch_number, reverse=True)
+    for candidate in candidates:
+        try:
+            _training_state(candidate)
+        except (CheckpointError, ConfigError):
+            continue
+        return candidate
+    return None
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = _first_difference(old.get(key, _UNSET), new.get(key, _UNSET), f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return None if old == new else (where, old, new)
+
+
+_UNSET = object()
+# Model-spec keys whose config key is not ``model.<key>``.
+_SPEC_CONFIG_KEYS = {"name": "model.name", "classes": "data.train (its classes)", "num_classes": "model.num_classes",
+                     "kwargs.crop_size": "data.size", "whitened_dim": "model.dim"}
+
+
+def _config_key(spec_key: str) -> str:
+    if spec_key in _SPEC_CONFIG_KEYS:
+        return _SPEC_CONFIG_KEYS[spec_key]
+    return "model." + (spec_key[len("kwargs."):] if spec_key.startswith("kwargs.") else spec_key)
+
+
+def check_resume(ckpt_path: str | None, checkpoint_dir: Path, model_spec: Mapping[str, Any] | None) -> str | None:
+    """Check what a run resumes from before anything is written; returns Lightning's ``ckpt_path``.
+
+    ``ckpt_path``: :func:`prepare_run`'s (``"last"``: ``checkpoint_dir/last.ckpt`` when it exists).
+    Raises :class:`~fewsight.errors.CheckpointError` when the file is damaged or its weights are not
+    finite, naming the newest intact ``epoch=NNN.ckpt`` beside it and the setting that resumes from
+    it; :class:`~fewsight.errors.ConfigError` when it is not a Lightning training checkpoint (a model
+    file), or when its model differs from ``model_spec`` (the first differing config key, both values).
+    """
+    if ckpt_path is None:
+        return None
+    path = checkpoint_dir / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last" and not path.is_file():
+        return ckpt_path  # nothing to resume yet: Lightning starts afresh
+    try:
+        ckpt = _training_state(path)
+    except CheckpointError as exc:
+        intact = _newest_intact(path.parent, path)
+        hint = (f"the newest intact checkpoint is {intact}: resume from it with --set checkpoint.resume={intact}"
+                if intact is not None else f"no intact epoch=NNN.ckpt in {path.parent}: start afresh without resuming")
+        raise CheckpointError(f"{exc}; {hint}") from exc
+    stored = (ckpt.get("hyper_parameters") or {}).get("model_spec")
+    if isinstance(stored, Mapping) and model_spec is not None:
+        found = _first_difference(dict(stored), dict(model_spec))
+        if found is not None:
+            key, old, new = found
+            show = lambda v: "(not set)" if v is _UNSET else repr(v)  # noqa: E731
+            raise ConfigError(f"{_config_key(key)}: the checkpoint {path} was trained with {show(old)}, the config "
+                              f"says {show(new)} (resume with the config it was trained with, or use another out_dir)")
+    return ckpt_path
 
 
 def prepare_run(cfg: RunConfig) -> tuple[Path, str | None]:
@@ -278,6 +407,7 @@ def train_detector(
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
     )
+    ckpt_path = check_resume(ckpt_path, out_dir / "checkpoints", spec)
     trainer = build_trainer(cfg, out_dir, has_val=val_set is not None, callbacks=callbacks)
     if trainer.is_global_zero:
         save_config(cfg, out_dir / "config.yaml")
