@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fewsight.errors import DTypeError, ShapeError, check_choice, check_floating, check_labels, check_ndim
+from fewsight.errors import DTypeError, ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
 
 __all__ = [
     "REDUCTIONS",
@@ -151,9 +151,10 @@ def cosine_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def check_embeddings(name: str, embeddings: Tensor, expected: str = "Tensor[N, D]") -> None:
-    """Raise unless ``embeddings`` is a 2-D floating tensor."""
+    """Raise unless ``embeddings`` is a 2-D floating tensor of finite values (``NonFiniteError`` otherwise)."""
     check_ndim(name, embeddings, 2, expected)
     check_floating(name, embeddings)
+    check_finite(name, embeddings)
 
 
 def check_embeddings_labels(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_floating, check_last_dim
+from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_finite, check_floating, check_last_dim, check_real
 from fewsight.losses._common import check_reduction, reduce_loss, upcast
 
 __all__ = ["BOX_LOSSES", "box_regression_loss", "giou_loss", "l1_loss", "smooth_l1_loss"]
@@ -28,6 +28,8 @@ BOX_LOSSES = ("smooth_l1", "l1", "giou")
 
 def _check_pair(pred: Tensor, target: Tensor, pred_name: str, target_name: str) -> tuple[Tensor, Tensor]:
     check_floating(pred_name, pred)
+    check_finite(pred_name, pred)
+    check_finite(target_name, target)
     if target.shape != pred.shape:
         raise ShapeError(f"{target_name}: expected shape {tuple(pred.shape)} (same as {pred_name}), got {tuple(target.shape)}")
     if not target.is_floating_point():
@@ -51,8 +53,7 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, reduction: s
     tensor([0.1250, 2.5000])
     """
     check_reduction(reduction)
-    if not float(beta) >= 0.0:
-        raise InvalidArgumentError(f"beta: expected a float >= 0, got {beta!r}")
+    check_real("beta", beta, low=0)
     pred, target = _check_pair(pred, target, "pred", "target")
     return reduce_loss(F.smooth_l1_loss(pred, target, beta=float(beta), reduction="none"), reduction)
 
@@ -148,6 +149,10 @@ def box_regression_loss(
     check_floating("deltas", deltas)
     if target_boxes.shape != deltas.shape:
         raise ShapeError(f"target_boxes: expected shape {tuple(deltas.shape)} (same as deltas), got {tuple(target_boxes.shape)}")
+    check_finite("deltas", deltas)
+    check_finite("anchors", anchors)
+    if positive is None:
+        check_finite("target_boxes", target_boxes)
     anchors = anchors.to(device=deltas.device)
     deltas_w, target_w, anchors_w = upcast(deltas, target_boxes.to(deltas.device), anchors)
     anchors_w = anchors_w.expand_as(deltas_w)
@@ -155,6 +160,7 @@ def box_regression_loss(
         if positive.shape != deltas.shape[:-1]:
             raise ShapeError(f"positive: expected Bool{list(deltas.shape[:-1])} (deltas without the 4), got {tuple(positive.shape)}")
         positive = positive.to(device=deltas.device, dtype=torch.bool)
+        check_finite("target_boxes (positive rows)", target_boxes[positive.to(target_boxes.device)])
         target_w = torch.where(positive.unsqueeze(-1), target_w, anchors_w)
     if kind == "giou":
         per = giou_loss(coder.decode(deltas_w, anchors_w), target_w, reduction="none")

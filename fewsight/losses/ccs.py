@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewsight.errors import DTypeError, ShapeError, check_choice, check_floating, check_labels, check_ndim
+from fewsight.errors import DTypeError, ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
 from fewsight.losses._common import (
     check_embeddings_labels,
     check_reduction,
@@ -70,6 +70,7 @@ def ccs_loss(
     check_reduction(reduction)
     check_ndim("class_vectors", class_vectors, 2, "Tensor[C, D]")
     check_floating("class_vectors", class_vectors)
+    check_finite("class_vectors", class_vectors)
     num_classes, dim = class_vectors.shape
     check_embeddings_labels(embeddings, labels, num_classes)
     if embeddings.shape[1] != dim:
@@ -79,6 +80,7 @@ def ccs_loss(
     if weights is not None:
         check_ndim("weights", weights, 1, f"Tensor[{embeddings.shape[0]}]")
         check_floating("weights", weights)
+        check_finite("weights", weights)
         if weights.shape[0] != embeddings.shape[0]:
             raise ShapeError(
                 f"weights: expected Tensor[{embeddings.shape[0]}] matching embeddings, got shape {tuple(weights.shape)}"
@@ -171,7 +173,10 @@ def ccs_detection_loss(
     check_choice("normalization", normalization, _NORMALIZATIONS)
     check_ndim("embeddings", embeddings, 3, "Tensor[B, A, D]")
     check_floating("embeddings", embeddings)
+    check_finite("embeddings", embeddings)
     check_ndim("class_vectors", class_vectors, 2, "Tensor[C, D]")
+    check_floating("class_vectors", class_vectors)
+    check_finite("class_vectors", class_vectors)
     check_ndim("anchors", anchors, (2, 3), "Tensor[A, 4] or Tensor[B, A, 4]")
     batch, num_anchors, dim = embeddings.shape
     if anchors.shape[-2] != num_anchors:

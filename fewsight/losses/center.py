@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_floating, check_ndim
+from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_finite, check_floating, check_ndim, check_real
 from fewsight.losses._common import (
     check_embeddings_labels,
     check_reduction,
@@ -30,8 +30,7 @@ CENTER_DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 
 
 def _check_radius(radius: float) -> None:
-    if not radius >= 0:  # also rejects NaN
-        raise InvalidArgumentError(f"radius: expected a number >= 0, got {radius}")
+    check_real("radius", radius, low=0)
 
 
 def _own_distance(x: Tensor, mu: Tensor, distance: str, eps: float) -> Tensor:
@@ -83,6 +82,7 @@ def center_loss(
     _check_radius(radius)
     check_ndim("centers", centers, 2, "Tensor[C, D]")
     check_floating("centers", centers)
+    check_finite("centers", centers)
     num_classes, dim = centers.shape
     check_embeddings_labels(embeddings, labels, num_classes)
     if embeddings.shape[1] != dim:

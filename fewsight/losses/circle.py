@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_choice, check_ndim
+from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_choice, check_finite, check_ndim
 from fewsight.losses import distributed as _dist
 from fewsight.losses._blockwise import Channel, PairKernel, pairwise_partials, resolve_block_size
 from fewsight.losses._common import (
@@ -242,6 +242,7 @@ def circle_loss_from_similarities(
     for name, t in (("sp", sp), ("sn", sn)):
         if not t.is_floating_point():
             raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        check_finite(name, t)
     if sp.shape[:-1] != sn.shape[:-1]:
         raise ShapeError(f"sp, sn: expected the same leading dims, got shapes {tuple(sp.shape)} and {tuple(sn.shape)}")
     p, q = upcast(sp, sn)

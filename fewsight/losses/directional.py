@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import ShapeError, check_choice, check_floating, check_labels, check_ndim
+from fewsight.errors import ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
 from fewsight.geometry.matching import BACKGROUND
 from fewsight.losses._common import check_reduction, compute_dtype, zero_loss
 from fewsight.losses.focal import _FUSED_CPU_CHUNK, _chunk_rows, check_focal_options
@@ -154,6 +154,8 @@ def directional_log_probs(
     for name, t in (("scale", scale), ("bias", bias)):
         if t.shape != (num_classes,):
             raise ShapeError(f"{name}: expected Tensor[{num_classes}] (one per class), got shape {tuple(t.shape)}")
+    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
+        check_finite(name, t)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
         e = F.normalize(embeddings.to(work), dim=-1, eps=eps)
@@ -193,6 +195,8 @@ def directional_probabilities(
         raise ShapeError(
             f"embeddings: expected Tensor[..., {directions.shape[1]}] matching directions' D, got shape {tuple(embeddings.shape)}"
         )
+    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
+        check_finite(name, t)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
         e = F.normalize(embeddings.to(work), dim=-1, eps=eps)
@@ -237,6 +241,8 @@ def focal_loss_from_log_probs(
     gamma = float(gamma)
     check_reduction(reduction)
     check_floating("log_p", log_p)
+    check_finite("log_p", log_p)
+    check_finite("log_1mp", log_1mp)
     if log_1mp.shape != log_p.shape:
         raise ShapeError(f"log_1mp: expected shape {tuple(log_p.shape)} (same as log_p), got {tuple(log_1mp.shape)}")
     if labels.shape != log_p.shape[:-1]:
@@ -411,6 +417,8 @@ def directional_focal_loss(
     for name, t in (("scale", scale), ("bias", bias)):
         if t.shape != (num_classes,):
             raise ShapeError(f"{name}: expected Tensor[{num_classes}] (one per class), got shape {tuple(t.shape)}")
+    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
+        check_finite(name, t)
     check_labels("labels", labels, num_classes)
     labels = labels.to(device=embeddings.device, dtype=torch.long).reshape(-1)
     if num_classes == 0 or labels.numel() == 0:
@@ -442,6 +450,7 @@ def dispersion_loss(directions: Tensor, eps: float = 1e-8) -> Tensor:
     """
     check_ndim("directions", directions, 2, "Tensor[C, D]")
     check_floating("directions", directions)
+    check_finite("directions", directions)
     c = directions.shape[0]
     if c < 2:
         return zero_loss(directions)

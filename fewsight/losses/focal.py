@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_floating, check_labels, check_ndim
+from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_finite, check_floating, check_labels, check_ndim, check_real
 from fewsight.geometry.matching import BACKGROUND, IGNORE
 from fewsight.losses._common import check_reduction, compute_dtype, reduce_loss
 
@@ -54,10 +54,11 @@ def check_focal_options(alpha: float | None, gamma: float) -> float | None:
     >>> check_focal_options(-1, 2.0) is None, check_focal_options(0.25, 0)
     (True, 0.25)
     """
-    if alpha is not None and alpha != -1 and not 0.0 <= float(alpha) <= 1.0:
-        raise InvalidArgumentError(f"alpha: expected a float in [0, 1], or None / -1 to disable, got {alpha!r}")
-    if not float(gamma) >= 0.0:  # also rejects NaN
-        raise InvalidArgumentError(f"gamma: expected a float >= 0, got {gamma!r}")
+    if alpha is not None and alpha != -1:
+        check_real("alpha", alpha)
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise InvalidArgumentError(f"alpha: expected a float in [0, 1], or None / -1 to disable, got {alpha!r}")
+    check_real("gamma", gamma, low=0)
     # torchvision disables the weighting with alpha=-1; None is the spelled-out form.
     return None if alpha is None or alpha == -1 else float(alpha)
 
@@ -356,6 +357,12 @@ def focal_loss(
         raise DTypeError(f"targets: expected a torch.Tensor shaped like logits, got {type(targets).__name__}")
     if targets.shape != logits.shape:
         raise ShapeError(f"targets: expected shape {tuple(logits.shape)} (same as logits), got {tuple(targets.shape)}")
+    check_finite("logits", logits)
+    check_finite("targets", targets)
+    # Targets outside [0, 1] make (1 - t) negative and the loss negative: refuse them.
+    if targets.numel() and bool(((targets < 0) | (targets > 1)).any()):
+        lo, hi = float(targets.min()), float(targets.max())
+        raise InvalidArgumentError(f"targets: expected values in [0, 1], got values in [{lo}, {hi}]")
     if targets.dtype == torch.bool:
         targets = targets.to(compute_dtype(logits.dtype))
     elif not targets.is_floating_point():
@@ -430,6 +437,7 @@ def focal_loss_detection(
     check_reduction(reduction)
     check_ndim("logits", logits, 3, "Tensor[B, A, C]")
     check_floating("logits", logits)
+    check_finite("logits", logits)
     check_ndim("labels", labels, 2, "Long[B, A]")
     if labels.shape != logits.shape[:2]:
         raise ShapeError(f"labels: expected Long[{logits.shape[0]}, {logits.shape[1]}] (logits' B, A), got {tuple(labels.shape)}")

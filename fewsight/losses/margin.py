@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_floating, check_ndim
+from fewsight.errors import InvalidArgumentError, ShapeError, check_finite, check_floating, check_ndim, check_real
 from fewsight.losses._common import check_embeddings_labels, check_reduction, normalize, reduce_loss, upcast, zero_loss
 
 __all__ = ["arcface_loss", "cosface_loss", "margin_cosine_logits", "ArcFaceLoss", "CosFaceLoss"]
@@ -34,13 +34,13 @@ _SIN_GRAD_FLOOR = 1e-6  # lower bound of 1 - cos² used for the gradient of sin 
 def _validate(embeddings: Tensor, labels: Tensor, weight: Tensor, scale: float) -> None:
     check_ndim("weight", weight, 2, "Tensor[C, D]")
     check_floating("weight", weight)
+    check_finite("weight", weight)
     check_embeddings_labels(embeddings, labels, weight.shape[0])
     if embeddings.shape[1] != weight.shape[1]:
         raise ShapeError(
             f"embeddings: expected Tensor[N, {weight.shape[1]}] matching weight's D, got shape {tuple(embeddings.shape)}"
         )
-    if not scale > 0:
-        raise InvalidArgumentError(f"scale: expected a number > 0, got {scale}")
+    check_real("scale", scale, low=0, low_open=True)
 
 
 def margin_cosine_logits(embeddings: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
@@ -157,8 +157,8 @@ class _MarginSoftmaxLoss(nn.Module):
             raise InvalidArgumentError(f"num_classes: expected >= 1, got {num_classes}")
         if embedding_dim < 1:
             raise InvalidArgumentError(f"embedding_dim: expected >= 1, got {embedding_dim}")
-        if not scale > 0:
-            raise InvalidArgumentError(f"scale: expected a number > 0, got {scale}")
+        check_real("scale", scale, low=0, low_open=True)
+        check_real("margin", margin)
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.scale = scale

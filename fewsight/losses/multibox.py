@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_floating, check_labels, check_last_dim, check_ndim
+from fewsight.errors import InvalidArgumentError, ShapeError, check_finite, check_floating, check_labels, check_last_dim, check_ndim, check_real
 from fewsight.geometry.coder import BoxCoder
 from fewsight.geometry.matching import BACKGROUND, match
 from fewsight.geometry.targets import pad_targets
@@ -45,6 +45,8 @@ def check_multibox_options(iou_threshold: float, neg_pos_ratio: float, alpha: fl
 
     >>> check_multibox_options(0.5, 3.0, 1.0, 0, 1.0)
     """
+    for name, value in (("iou_threshold", iou_threshold), ("neg_pos_ratio", neg_pos_ratio), ("alpha", alpha), ("beta", beta)):
+        check_real(name, value)
     if not 0.0 < float(iou_threshold) <= 1.0:
         raise InvalidArgumentError(f"iou_threshold: expected a float in (0, 1], got {iou_threshold!r}")
     if not float(neg_pos_ratio) >= 0.0:
@@ -200,6 +202,8 @@ def multibox_loss(
         default_boxes.ndim == 3 and default_boxes.shape[0] != batch
     ):
         raise ShapeError(f"default_boxes: expected Tensor[{num_anchors}, 4] (A of cls_logits), got shape {tuple(default_boxes.shape)}")
+    for name, t in (("cls_logits", cls_logits), ("bbox_deltas", bbox_deltas), ("default_boxes", default_boxes)):
+        check_finite(name, t)
     coder = BoxCoder.from_variances((0.1, 0.2)) if coder is None else coder
 
     work = compute_dtype(torch.promote_types(cls_logits.dtype, bbox_deltas.dtype))

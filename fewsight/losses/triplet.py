@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import InvalidArgumentError, check_choice
+from fewsight.errors import InvalidArgumentError, check_choice, check_real
 from fewsight.losses._common import check_embeddings_labels, check_reduction, reduce_loss, upcast
 from fewsight.losses._common import normalize as _normalize
 
@@ -261,8 +261,8 @@ def triplet_loss(
     check_reduction(reduction)
     check_choice("mining", mining, TRIPLET_MININGS)
     check_choice("distance", distance, TRIPLET_DISTANCES)
-    if not margin >= 0:
-        raise InvalidArgumentError(f"margin: expected a number >= 0, got {margin}")
+    check_real("margin", margin, low=0)
+    check_real("eps", eps, low=0, low_open=True)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise InvalidArgumentError(f"block_size: expected None or an int >= 1, got {block_size!r}")
     check_embeddings_labels(embeddings, labels)

@@ -123,8 +123,11 @@ def test_invalid_inputs_raise_clear_errors():
         assert issubclass(err, (ValueError, TypeError))
 
 
-def test_non_tensor_boxes_in_list_raise_fewsight_error():
-    # a plain Python list of boxes gives a raw AttributeError ('list' object has no attribute 'ndim')
+def test_non_tensor_boxes_in_list_are_converted_or_raise_fewsight_error():
+    # a plain Python list of boxes is converted at the boundary (integer boxes promoted to float) ...
+    t = pad_targets([{"boxes": [[0, 0, 1, 1]], "labels": [0]}])
+    assert t.boxes.dtype == torch.float32 and t.boxes.tolist() == [[[0.0, 0.0, 1.0, 1.0]]] and t.labels.tolist() == [[0]]
+    # ... and what cannot become a tensor is a typed error naming the argument
     with pytest.raises((DTypeError, ShapeError, InvalidArgumentError)) as e:
-        pad_targets([{"boxes": [[0, 0, 1, 1]], "labels": torch.tensor([0])}])
+        pad_targets([{"boxes": "0 0 1 1", "labels": torch.tensor([0])}])
     assert "targets[0]['boxes']" in str(e.value)
