@@ -97,10 +97,14 @@ def _load_failure(exc: BaseException) -> str:
     turn ``weights_only`` off (fewsight never does: that would run code from the file)."""
     text = " ".join(_ANSI.sub("", str(exc)).split())
     if "Weights only load failed" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
-        detail = detail.split(" Please use", 1)[0].split(". ", 1)[0].rstrip(".")
-        return ("it holds Python objects other than tensors and plain containers, which fewsight does not load"
-                + (f" ({short_reason(detail, 160)})" if detail else ""))
+        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        for tail in (" Please use", " Check the documentation", ". "):
+            detail = detail.split(tail, 1)[0]
+        detail = detail.strip().rstrip(".")
+        if "Unsupported global" in detail:
+            return f"it holds Python objects other than tensors and plain containers, which fewsight does not load " \
+                   f"({short_reason(detail, 160)})"
+        return f"not a torch checkpoint, or a damaged one (the unpickler stopped: {short_reason(detail, 120) or 'unknown data'})"
     if isinstance(exc, RuntimeError) and ("zip archive" in text or "PytorchStreamReader" in text):
         return f"the file is truncated or damaged ({short_reason(text.split('. ', 1)[0], 160)})"
     reason = short_reason(text, 160)

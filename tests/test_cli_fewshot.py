@@ -141,7 +141,7 @@ def test_enroll_with_a_crop_embedder_then_predict(tmp_path, digits_model, capsys
     assert "already has a crop embedder" in capsys.readouterr().err
     # Writing the result over the --checkpoint it was read from is refused before any work.
     assert main([*argv[:2], str(out), *argv[3:]]) == 1
-    assert "--out: expected an output path other than the input" in capsys.readouterr().err
+    assert "--out: expected outputs that are none of the command's inputs" in capsys.readouterr().err
 
 
 def test_enroll_bad_inputs(tmp_path, digits_model, retinanet_file, capsys):

@@ -21,8 +21,10 @@ import time
 from collections.abc import Sequence
 
 from fewsight.cli import bench, demo, enroll, evaluate, export, predict, search, train
+from fewsight.cli.common import declared_outputs
+from fewsight.errors import FewsightError
 
-__all__ = ["main"]
+__all__ = ["clean_message", "main"]
 
 PROG = "fewsight"
 COMMANDS = {m.NAME: m for m in (demo, train, evaluate, predict, export, enroll, bench, search)}
@@ -55,10 +57,15 @@ def clean_message(text: str) -> str:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
-    if isinstance(exc, OSError) and exc.filename is not None:
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, FewsightError):
         # "[Errno 28] No space left on device: 'x'" -> "x: No space left on device"
-        where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
-        text = f"{where}: {exc.strerror or errno.errorcode.get(exc.errno or 0, text)}"
+        strerror = exc.strerror or errno.errorcode.get(exc.errno, text)
+        names = [clean_message(str(f)) for f in (exc.filename, exc.filename2) if f is not None]
+        if names:
+            where = names[-1] if len(names) == 2 and names[0] == names[1] else " -> ".join(names)
+            text = f"{where}: {strerror}"
+        elif declared_outputs:  # e.g. ENOSPC from a write: the file is one of the command's outputs
+            text = f"{', '.join(map(str, declared_outputs))}: {strerror} (while writing the outputs)"
     return clean_message(text) or type(exc).__name__
 
 
@@ -79,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    from fewsight.errors import FewsightError
-
+    declared_outputs.clear()
     if getattr(args, "quiet", False):
         _quiet_lightning()
     start = time.perf_counter()

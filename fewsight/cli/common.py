@@ -182,6 +182,11 @@ def check_float(flag: str, value: float | None, *, low: float | None = None, hig
     return value
 
 
+#: The outputs the running command declared (output_dir / output_file): an operating-system error that
+#: names no file (ENOSPC while writing, ...) is reported against them.
+declared_outputs: list[Path] = []
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
@@ -225,6 +230,7 @@ def output_dir(path: str | Path, inputs: Sequence[str | Path | None] = (), *, na
                                        "(outputs would be written among the inputs)")
     for name in names:
         _not_an_input(flag, out / name, inputs)
+    declared_outputs.append(out)
     return out
 
 
@@ -241,6 +247,7 @@ def output_file(path: str | Path, inputs: Sequence[str | Path | None] = (), *, f
         raise InvalidArgumentError(f"{flag}: expected a file in a folder that can be created, got {out} "
                                    f"(under the file {blocker})")
     _not_an_input(flag, out, inputs)
+    declared_outputs.append(out)
     return out
 
 
@@ -249,5 +256,5 @@ def _not_an_input(flag: str, out: Path, inputs: Sequence[str | Path | None]) -> 
 
     for item in _inputs(inputs):
         if _same(item, out):
-            raise InvalidArgumentError(f"{flag}: expected an output path other than the input {item} "
-                                       f"(it would be overwritten by {out})")
+            raise InvalidArgumentError(f"{flag}: expected outputs that are none of the command's inputs, got {out}, "
+                                       "an input that would be overwritten")

@@ -116,8 +116,8 @@ def _read_images_json(path: Path) -> dict[str, Any]:
     images = info.get("images") if isinstance(info, dict) else None
     if not isinstance(info, dict) or not (images is None or (isinstance(images, list)
                                                               and all(isinstance(p, str) for p in images))):
-        raise DataError(path, 'expected a JSON object {"images": [paths], "embedder": ...}, got '
-                        f"{type(info).__name__ if not isinstance(info, dict) else 'another layout'}")
+        got = type(info).__name__ if not isinstance(info, dict) else f"'images' of {images!r:.60}"
+        raise DataError(path, f'expected a JSON object {{"images": [image paths], "embedder": ...}}, got {got}')
     return info
 
 
