@@ -194,6 +194,7 @@ def match(
             "background_threshold/object_threshold: expected 0 <= background_threshold <= object_threshold, "
             f"got {background_threshold} and {object_threshold}"
         )
+    gt_boxes = as_tensor("gt_boxes", gt_boxes, expected="Tensor[B, G, 4]")
     if max_block_elements is None:
         max_block_elements = _CPU_BLOCK if gt_boxes.device.type == "cpu" else _GPU_BLOCK
     if max_block_elements < 1:

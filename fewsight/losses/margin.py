@@ -77,6 +77,7 @@ def _margin_softmax(
     """Cross-entropy of ``scale * cos`` whose target entry is replaced by ``penalise(cos θ_y)``."""
     check_reduction(reduction)
     _validate(embeddings, labels, weight, scale)
+    check_real("eps", eps, low=0, low_open=True)
     if weight.shape[0] == 0 or embeddings.shape[0] == 0:
         out = zero_loss(embeddings, weight)
         return out.expand(embeddings.shape[0]).clone() if reduction == "none" else out
@@ -120,6 +121,7 @@ def arcface_loss(
         >>> arcface_loss(torch.eye(3), torch.tensor([0, 1, -1]), w, scale=4.0, margin=0.5).round(decimals=4)
         tensor(0.0581)
     """
+    margin = check_real("margin", margin)
     return _margin_softmax(
         embeddings, labels, weight, scale, lambda cos_y: _arcface_target(cos_y, margin, easy_margin), reduction, eps
     )
@@ -143,6 +145,7 @@ def cosface_loss(
         >>> cosface_loss(torch.eye(2), torch.tensor([0, 1]), torch.eye(2), scale=10.0).round(decimals=4)
         tensor(0.0015)
     """
+    margin = check_real("margin", margin)
     return _margin_softmax(embeddings, labels, weight, scale, lambda cos_y: cos_y - margin, reduction, eps)
 
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fewsight.errors import InvalidArgumentError, ShapeError, check_labels
+from fewsight.errors import InvalidArgumentError, ShapeError, check_labels, check_real
 from fewsight.geometry import BoxCoder, PaddedTargets, match, pad_targets
 from fewsight.losses.functional import box_regression_loss
 from fewsight.losses.focal import anchor_labels
@@ -176,9 +176,9 @@ def detection_box_loss(
 
 
 def _check_probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"{name}: expected a float in [0, 1], got {value!r}")
-    return float(value)
+    return check_real(name, value, low=0.0, high=1.0)
 
 
 class AnchorAssigner:

@@ -279,7 +279,19 @@ class DenseDetector(Described, nn.Module):
     def forward_head(self, images: Tensor | Sequence[Tensor]) -> HeadOutput:
         """Preprocess, backbone, head, anchors -> :class:`HeadOutput` (no loss, no post-processing)."""
         batch = self.preprocess(images)
-        features = self.backbone(batch.tensor)
+        try:
+            features = self.backbone(batch.tensor)
+        except ValueError as e:
+            # torch's BatchNorm refuses one value per channel in training (a single tiny image reaches
+            # the deepest levels as 1x1): say what to change instead of torch's internal message.
+            if "more than 1 value per channel" not in str(e):
+                raise
+            b, _, h, w = batch.tensor.shape
+            raise InvalidArgumentError(
+                f"images: expected a training batch whose deepest feature maps hold more than one value per channel, "
+                f"got {b} image(s) of {h}x{w} px (after resizing); train with at least 2 images per batch, images "
+                f"of at least 64 px, or frozen_bn=True"
+            ) from e
         if len(features) != len(self.levels):
             raise ShapeError(f"backbone: expected {len(self.levels)} feature maps (levels {self.levels}), got {len(features)}")
         outputs = self.head(features)

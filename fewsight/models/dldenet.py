@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import CheckpointError, InvalidArgumentError, ShapeError, check_choice
+from fewsight.errors import CheckpointError, InvalidArgumentError, ShapeError, check_choice, check_real
 from fewsight.geometry import BACKGROUND
 from fewsight.losses import check_focal_options
 from fewsight.losses.functional import ccs_loss, directional_focal_loss, dispersion_loss
@@ -365,6 +365,10 @@ class DLDENet(DenseDetector):
             InvalidArgumentError: duplicate names, or a name with no matched anchor. LabelError: a
             label ``>= len(names)``.
         """
+        if isinstance(names, (str, bytes)):
+            # list("dog") would enroll three classes "d", "o", "g".
+            raise InvalidArgumentError(f"names: expected a list of class names, got the string {names!r} (write [{names!r}])")
+        rivalry = check_real("rivalry", rivalry, low=0)
         names = list(names)
         if not names or not all(isinstance(n, str) for n in names):
             raise InvalidArgumentError(f"names: expected a non-empty list of str, got {names!r}")

@@ -49,6 +49,22 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also accepts groups of a single value (1 channel per group on a 1x1 map).
+
+    torch refuses those ("more than 1 value per channel"), even in eval; the normalised value is then
+    exactly 0 (x minus its own mean), so the output is the bias. Same parameters and state_dict keys.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim >= 2 and x.shape[0] > 0 and x[0].numel() // self.num_groups == 1:
+            out = x * 0.0  # keeps the graph (x is finite) with the exact value 0
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, *([1] * (x.ndim - 2)))
+            return out
+        return super().forward(x)
+
+
 def _norm_layer(norm: NormSpec, channels: int) -> nn.Module | None:
     if norm is None:
         return None
@@ -56,7 +72,7 @@ def _norm_layer(norm: NormSpec, channels: int) -> nn.Module | None:
         # 32 groups as in the GroupNorm paper and torchvision's RetinaNet v2; fewer when the
         # channel count does not allow 32.
         groups = math.gcd(32, channels)
-        return nn.GroupNorm(groups, channels)
+        return _GroupNorm(groups, channels)
     if callable(norm):
         return norm(channels)
     raise InvalidArgumentError(f"norm: expected None, 'group' or a callable(channels) -> nn.Module, got {norm!r}")

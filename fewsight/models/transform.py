@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError
+from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_finite, check_real
 from fewsight.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["DetectionTransform", "ImageBatch", "preprocess_images"]
@@ -94,7 +94,9 @@ def _check_image(name: str, image: Any, ndim: int) -> None:
     if image.ndim != ndim or image.shape[-3] != 3 or image.shape[-1] == 0 or image.shape[-2] == 0:
         raise ShapeError(f"{name}: expected {expected} with H, W >= 1, got shape {tuple(image.shape)}")
     if not image.is_floating_point():
-        raise DTypeError(f"{name}: expected a floating tensor in [0, 1], got dtype {image.dtype}")
+        hint = " (divide a uint8 image by 255)" if image.dtype == torch.uint8 else ""
+        raise DTypeError(f"{name}: expected a floating tensor in [0, 1]{hint}, got dtype {image.dtype}")
+    check_finite(name, image)
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -114,6 +116,7 @@ def preprocess_images(
     max_size: int | None = None,
     image_size: int | tuple[int, int] | None = None,
     size_divisible: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> ImageBatch:
     """Resize, normalise and batch images (torchvision's ``GeneralizedRCNNTransform`` semantics).
 
@@ -130,6 +133,8 @@ def preprocess_images(
     Args:
         images: ``Tensor[B, 3, H, W]`` or a non-empty list of ``Tensor[3, H_i, W_i]``, float in ``[0, 1]``.
         mean, std: per-channel normalisation (ImageNet by default).
+        dtype: the output's floating dtype (default: the first image's); every image is cast to it
+            first, so float64 / float16 images feed a float32 network and vice versa.
 
     Returns:
         :class:`ImageBatch`.
@@ -161,14 +166,15 @@ def preprocess_images(
             raise InvalidArgumentError(
                 f"images: expected every image on one device, got {sorted({str(im.device) for im in images})}"
             )
-    device, dtype = first.device, first.dtype
+    device = first.device
+    dtype = first.dtype if dtype is None else dtype
     mean_t = torch.as_tensor(mean, dtype=dtype, device=device).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=dtype, device=device).reshape(-1, 1, 1)
     sizes = [_resized_size(h, w, min_size, max_size, image_size) for h, w in originals]
 
     if isinstance(images, Tensor) or len(set(originals)) == 1:
         # Uniform batch: one resize and one normalisation for all images.
-        batch = images if isinstance(images, Tensor) else torch.stack([im.to(dtype) for im in images])
+        batch = images.to(dtype) if isinstance(images, Tensor) else torch.stack([im.to(dtype) for im in images])
         tensor = (_resize(batch, sizes[0]) - mean_t) / std_t
     else:
         tensor = None
@@ -222,16 +228,21 @@ class DetectionTransform(nn.Module):
         self.min_size, self.max_size, self.image_size, self.size_divisible = _check_resize_args(
             min_size, max_size, image_size, size_divisible
         )
-        if len(image_mean) != 3 or len(image_std) != 3 or min(float(s) for s in image_std) <= 0:
+        if len(image_mean) != 3 or len(image_std) != 3:
             raise InvalidArgumentError(
                 f"image_mean/image_std: expected 3 values each (std > 0), got {tuple(image_mean)} and {tuple(image_std)}"
             )
-        self.register_buffer("image_mean", torch.tensor([float(v) for v in image_mean]), persistent=False)
-        self.register_buffer("image_std", torch.tensor([float(v) for v in image_std]), persistent=False)
+        image_mean = [check_real("image_mean", v) for v in image_mean]
+        image_std = [check_real("image_std", v, low=0, low_open=True) for v in image_std]
+        self.register_buffer("image_mean", torch.tensor(image_mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std), persistent=False)
 
     def forward(self, images: Tensor | Sequence[Tensor]) -> ImageBatch:
+        """Images -> :class:`ImageBatch` in the dtype of this module's buffers, i.e. the detector's
+        (``model.half()`` / ``model.double()`` convert them), whatever floating dtype the images have."""
         return preprocess_images(
             images,
+            dtype=self.image_mean.dtype,
             mean=self.image_mean,
             std=self.image_std,
             min_size=self.min_size,
