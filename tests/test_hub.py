@@ -139,6 +139,8 @@ def _truncated(src: bytes) -> bytes:
         ("unknown_name", "cannot rebuild the yolo model"),
         ("wrong_shapes", "do not fit the dldenet model"),
         ("nan_weights", "NaN or inf"),
+        ("nan_lightning", "NaN or inf"),
+        (b"\x00" * 64, "not a torch checkpoint, or a damaged one"),
     ],
 )
 def test_bad_files_raise_checkpoint_error_naming_the_file(detector, tmp_path, content, match):
@@ -166,11 +168,18 @@ def test_bad_files_raise_checkpoint_error_naming_the_file(detector, tmp_path, co
         first = next(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
         state[first].fill_(math.nan)
         torch.save({"format": MODEL_FORMAT, "spec": spec, "state_dict": state}, path)
+    elif content == "nan_lightning":  # a training checkpoint: weights under "model."
+        state = {f"model.{k}": torch.full_like(v, math.nan) if v.is_floating_point() else v
+                 for k, v in detector.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"state_dict": state, "hyper_parameters": {"model_spec": spec}, "epoch": 0}, path)
     else:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match) as info:
         load_model(path)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    text = str(info.value)
+    assert str(path) in text and "\n" not in text and "\x1b" not in text
+    # torch's advice to turn weights_only off is never relayed.
+    assert "weights_only" not in text and "trusted source" not in text
 
 
 def test_missing_file_and_non_fewsight_model(tmp_path):

@@ -372,7 +372,10 @@ class Gallery:
         try:
             state = torch.load(path, map_location=_to_host, weights_only=True)
         except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            text = " ".join(str(exc).split())
+            # torch's weights-only refusal is a page of advice (including to turn the check off): not relayed.
+            reason = ("it holds objects other than tensors and plain containers, or is damaged"
+                      if "Weights only load failed" in text else text.split(". ", 1)[0][:160])
             raise CheckpointError(
                 f"{path}: not a readable gallery file ({type(exc).__name__}{': ' + reason if reason else ''})"
             ) from exc
