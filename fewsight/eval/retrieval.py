@@ -43,7 +43,7 @@ def dataset_embeddings(model: nn.Module, dataset: Any, *, batch_size: int = 16) 
 
 
 def _rows(q: Tensor, ql: Tensor, g: Tensor, gl: Tensor, classes: Sequence[int], ks: Sequence[int]) -> dict[str, Any]:
-    keep = torch.isin(ql, torch.tensor(list(classes), dtype=torch.long))
+    keep = torch.isin(ql, torch.tensor(list(classes), dtype=torch.long)) & torch.isin(ql, gl[gl >= 0])
     out: dict[str, Any] = {"num_queries": int(keep.sum())}
     if keep.any():
         rec = recall_at_k(q[keep], ql[keep], g, gl, k=list(ks))

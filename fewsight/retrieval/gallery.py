@@ -191,7 +191,9 @@ class Gallery:
         """``Tensor[N, D]``: the stored unit embeddings (float32, CPU), in gallery order."""
         if not len(self):
             return torch.zeros(0, self._dim or 0)
-        return torch.from_numpy(self._index.reconstruct_n(0, len(self)))
+        stored = self._index.reconstruct_n(0, len(self))
+        # faiss.contrib.torch_utils (imported by some libraries) makes reconstruct_n return a tensor.
+        return stored.cpu().float() if isinstance(stored, Tensor) else torch.from_numpy(stored)
 
     def __repr__(self) -> str:
         classes = "" if self.class_names is None else f", classes={len(self.class_names)}"

@@ -17,7 +17,8 @@ Conventions (equal to pytorch-metric-learning's ``AccuracyCalculator`` on the sa
 * Queries whose class has no gallery item (``R_q = 0``; in leave-one-out: singleton classes) are
   excluded, as PML does: they have nothing to retrieve, so counting them as failures would mix
   recognition with open-set rejection (see :mod:`fewsight.retrieval.openset` for that).
-* No query left to evaluate: the result is ``nan`` (undefined), as in PML.
+* No query left to evaluate: :class:`~fewsight.errors.InvalidArgumentError` saying why (PML returns
+  ``nan``, which a report then prints as a result).
 * Ties in similarity are broken by gallery index (the lower index ranks first), so results are
   deterministic and independent of ``block_size`` and the device.
 
@@ -198,6 +199,13 @@ def _check_k(k: int | Sequence[int]) -> list[int]:
     return list(dict.fromkeys(ks))
 
 
+def _no_query(query_labels: Tensor) -> None:
+    raise InvalidArgumentError(
+        f"query_labels: expected at least one query to evaluate (label >= 0 with a same-label gallery item), "
+        f"got none among {len(query_labels)} queries"
+    )
+
+
 def recall_at_k(
     queries: Tensor,
     query_labels: Tensor,
@@ -220,8 +228,8 @@ def recall_at_k(
         block_size: queries per block (default: about 4M similarities per block).
 
     Returns:
-        ``{k: recall}`` in the order of ``k``; ``nan`` when no query is evaluated (see module
-        docstring: unknown queries and queries without any same-label gallery item are excluded).
+        ``{k: recall}`` in the order of ``k`` (see module docstring: unknown queries and queries
+        without any same-label gallery item are excluded; none left is an error).
 
     Example:
         >>> q = torch.tensor([[1., 0.], [0., 1.]])
@@ -233,7 +241,7 @@ def recall_at_k(
     p = _prepare(queries, query_labels, gallery, gallery_labels)
     n = p.queries.shape[0]
     if n == 0:
-        return {kk: math.nan for kk in ks}
+        _no_query(query_labels)
     bs = _resolve_block_size(block_size, p.gallery.shape[0])
     # The query itself sits last (at -inf) in leave-one-out: never search that deep.
     k_max = min(max(ks), p.gallery.shape[0] - (p.self_index is not None))
@@ -267,7 +275,7 @@ def mean_average_precision_at_r(
     ``R_q`` in it, so a class holding most of the gallery makes that block ``Tensor[block, G]``.
 
     Returns:
-        MAP@R in ``[0, 1]``, or ``nan`` when no query is evaluated.
+        MAP@R in ``[0, 1]``; no query to evaluate is an error (see :func:`recall_at_k`).
 
     Example:
         >>> emb = torch.tensor([[1., 0.], [0.9, 0.1], [0.8, 0.3], [0., 1.]])
@@ -277,7 +285,7 @@ def mean_average_precision_at_r(
     p = _prepare(queries, query_labels, gallery, gallery_labels)
     n = p.queries.shape[0]
     if n == 0:
-        return math.nan
+        _no_query(query_labels)
     # Grouping queries of similar R_q keeps each block's search depth close to what it needs.
     order = torch.argsort(p.relevant, stable=True)
     p = p._replace(

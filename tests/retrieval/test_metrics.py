@@ -215,18 +215,23 @@ def test_duplicates_are_neighbours_in_leave_one_out():
 # ----------------------------------------------------------------------------- edge cases
 
 
-def test_empty_inputs_give_nan():
+def test_no_query_to_evaluate_is_an_error():
     e = torch.empty(0, 4)
     l0 = torch.empty(0, dtype=torch.long)
-    assert math.isnan(recall_at_k(e, l0, k=1)[1])
-    assert math.isnan(mean_average_precision_at_r(e, l0))
     q = torch.randn(3, 4)
     ql = torch.tensor([0, 1, 1])
-    assert math.isnan(recall_at_k(q, ql, e, l0)[5])
-    assert math.isnan(mean_average_precision_at_r(q, ql, e, l0))
-    assert math.isnan(recall_at_k(q, torch.full((3,), -1), k=1)[1])  # all unknown
-    assert math.isnan(mean_average_precision_at_r(q, torch.tensor([0, 1, 2])))  # all singletons
-    assert math.isnan(recall_at_k(q[:1], ql[:1], k=1)[1])  # leave-one-out with one item
+    cases = [
+        (e, l0, None, None),  # empty
+        (q, ql, e, l0),  # empty gallery
+        (q, torch.full((3,), -1), None, None),  # all unknown
+        (q, torch.tensor([0, 1, 2]), None, None),  # all singletons
+        (q[:1], ql[:1], None, None),  # leave-one-out with one item
+    ]
+    for args in cases:
+        with pytest.raises(InvalidArgumentError, match="query_labels: expected at least one query to evaluate"):
+            recall_at_k(*args, k=1)
+        with pytest.raises(InvalidArgumentError, match="query_labels: expected at least one query to evaluate"):
+            mean_average_precision_at_r(*args)
 
 
 def test_half_precision_and_zero_vectors():
