@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fewsight demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: $(STAMP)
 	$(PY) bench/geometry.py
