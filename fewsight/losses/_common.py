@@ -5,7 +5,9 @@ Stable internal API (other loss modules import these):
 * :func:`check_reduction` -- validate ``reduction`` in ``{"mean", "sum", "none"}``.
 * :func:`reduce_loss` -- apply a reduction to per-sample losses, optionally over a validity mask.
 * :func:`zero_loss` -- a scalar 0 connected to the graph of the given tensors (never NaN).
-* :func:`cosine_similarity` / :func:`cosine_matrix` / :func:`normalize` -- cosine with an epsilon.
+* :func:`cosine_similarity` / :func:`cosine_matrix` / :func:`normalize` -- cosine with an epsilon,
+  free of overflow for any finite input, zero vectors mapped to zero with a zero gradient.
+* :func:`check_squared_distances` -- refuse Euclidean distances that overflow (value or gradient).
 * :func:`compute_dtype` / :func:`upcast` -- float32 compute for half-precision inputs.
 * :func:`check_embeddings` / :func:`check_embeddings_labels` -- argument validation.
 
@@ -24,7 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fewsight.errors import DTypeError, ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
+import math
+
+from fewsight.errors import DTypeError, NonFiniteError, ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
 
 __all__ = [
     "REDUCTIONS",
@@ -34,6 +38,7 @@ __all__ = [
     "cosine_similarity",
     "cosine_matrix",
     "normalize",
+    "check_squared_distances",
     "compute_dtype",
     "upcast",
     "check_embeddings",
@@ -131,9 +136,69 @@ def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(target) if t.is_floating_point() else t for t in tensors)
 
 
+def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
+    # Rows whose max-abs lies in [2**-q, 2**q], q a quarter of the dtype's exponent range, have sums of
+    # squares far from overflow and underflow: they are normalised as they are (bit-identical to the
+    # plain formula); others are divided by their max-abs first.
+    q = math.floor(math.log2(torch.finfo(dtype).max)) // 4
+    return 2.0 ** -q, 2.0 ** q
+
+
 def normalize(x: Tensor, eps: float = 1e-8, dim: int = -1) -> Tensor:
-    """``x / max(|x|, eps)`` along ``dim`` (a zero vector stays zero, gradient finite)."""
-    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp(min=eps)
+    """``x / max(|x|, eps)`` along ``dim``; fp16/bf16 inputs are computed and returned in float32.
+
+    Finite for every finite ``x``: a row whose magnitude is far from 1 (up to the dtype's largest
+    value, down to its smallest subnormal) is divided by its max-abs before its norm is taken, so
+    its squares neither overflow nor underflow. A zero row maps to zero with a zero gradient.
+
+    >>> normalize(torch.tensor([[3e38, -3e38], [0., 0.]]))
+    tensor([[ 0.7071, -0.7071],
+            [ 0.0000,  0.0000]])
+    """
+    x = x.to(compute_dtype(x.dtype))
+    if x.numel() == 0:
+        return x
+    # The result does not depend on the rescaling factor c (x / max(|x|, eps) equals
+    # (x / c) / max(|x / c|, eps / c)), so c is taken without a graph.
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    lo, hi = _plain_range(x.dtype)
+    nonzero = m > 0
+    c = torch.where(((m >= lo) & (m <= hi)) | ~nonzero, torch.ones_like(m), m)
+    s = x / c
+    out = s / torch.maximum(torch.linalg.vector_norm(s, dim=dim, keepdim=True), eps / c)
+    # A zero row: value 0 either way, but its gradient would be 1 / eps (inf once cast back to fp16).
+    return torch.where(nonzero, out, out.new_zeros(()))
+
+
+def check_squared_distances(
+    name: str, sq: Tensor, *inputs: Tensor, squared: bool = True, valid: Tensor | None = None
+) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` when a Euclidean distance would overflow.
+
+    ``sq`` holds the squared distances a loss uses (entries where ``valid`` is False are not read),
+    computed from ``inputs`` (the tensors the loss differentiates). Refused: a squared distance
+    that is not finite in its dtype (NaN included, e.g. ``inf - inf`` in a Gram-matrix form) and,
+    when ``squared`` (the loss uses the squared distance, whose gradient is ``2 (x - y)``), one above
+    ``(max / 2)**2`` of a half-precision input's dtype, whose gradient would not fit that dtype.
+    One reduction and one device sync.
+    """
+    if sq.numel() == 0:
+        return
+    v = sq.detach()
+    if valid is not None:
+        v = torch.where(valid.to(device=v.device, dtype=torch.bool), v, v.new_zeros(()))
+    limit, why = torch.finfo(v.dtype).max, f"finite in {v.dtype}"
+    if squared:
+        for t in inputs:
+            if isinstance(t, Tensor) and t.is_floating_point() and compute_dtype(t.dtype) != t.dtype:
+                half_limit = (torch.finfo(t.dtype).max / 2) ** 2
+                if half_limit < limit:
+                    limit, why = half_limit, f"at most {half_limit:.4g}, so that their gradient fits {t.dtype}"
+    worst = float(v.max())
+    if not worst <= limit:  # NaN included
+        raise NonFiniteError(
+            f"{name}: expected squared distances {why}, got {worst:.4g}; scale the embeddings down or normalise them"
+        )
 
 
 def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, dim: int = -1) -> Tensor:
