@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_finite, check_floating, check_ndim, check_real
 from fewsight.losses._common import (
     check_embeddings_labels,
+    check_squared_distances,
     check_reduction,
     cosine_similarity,
     reduce_loss,
@@ -33,10 +34,14 @@ def _check_radius(radius: float) -> None:
     check_real("radius", radius, low=0)
 
 
-def _own_distance(x: Tensor, mu: Tensor, distance: str, eps: float) -> Tensor:
+def _own_distance(x: Tensor, mu: Tensor, known: Tensor, distance: str, eps: float, inputs: tuple[Tensor, ...]) -> Tensor:
     if distance == "cosine":
         return 1.0 - cosine_similarity(x, mu, eps)
-    sq = (x - mu).pow(2).sum(dim=-1)
+    # Unknown rows are compared with an arbitrary centre: zero their difference, so that one far from
+    # it can neither overflow nor send 0 * inf = NaN back through the square.
+    diff = torch.where(known.unsqueeze(1), x - mu, x.new_zeros(()))
+    sq = diff.pow(2).sum(dim=-1)
+    check_squared_distances("embeddings", sq, *inputs, squared=distance == "squared_euclidean")
     if distance == "squared_euclidean":
         return sq
     # sqrt has an infinite slope at 0: take it only where the distance is positive.
@@ -70,6 +75,11 @@ def center_loss(
 
     Returns:
         The loss (float32 for fp16/bf16 inputs); ``0`` with a gradient graph when no label is known.
+
+    Raises:
+        NonFiniteError: NaN/inf in an argument, or (Euclidean distances) a squared distance of a
+            known sample to its centre that overflows the compute dtype, or whose gradient
+            ``2 (x - μ)`` would not fit a half-precision argument's dtype.
         pytorch-ood's ``CenterLoss`` gives this value divided by ``C``.
 
     Example:
@@ -93,7 +103,7 @@ def center_loss(
     x, mu = upcast(embeddings, centers)
     known = labels >= 0
     own = mu.index_select(0, labels.clamp(min=0))  # [N, D], never [N, C]
-    per_sample = (_own_distance(x, own, distance, eps) - radius).clamp(min=0)
+    per_sample = (_own_distance(x, own, known, distance, eps, (embeddings, centers)) - radius).clamp(min=0)
     return reduce_loss(per_sample, reduction, known)
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fewsight.errors import ShapeError, check_choice, check_finite, check_floating, check_labels, check_ndim
 from fewsight.geometry.matching import BACKGROUND
-from fewsight.losses._common import check_reduction, compute_dtype, zero_loss
+from fewsight.losses._common import check_reduction, compute_dtype, normalize, zero_loss
 from fewsight.losses.focal import _FUSED_CPU_CHUNK, _chunk_rows, check_focal_options
 
 __all__ = [
@@ -158,8 +158,8 @@ def directional_log_probs(
         check_finite(name, t)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
-        e = F.normalize(embeddings.to(work), dim=-1, eps=eps)
-        d = F.normalize(directions.to(work), dim=-1, eps=eps)
+        e = normalize(embeddings.to(work), eps)
+        d = normalize(directions.to(work), eps)
         cos = torch.matmul(e, d.transpose(0, 1)).clamp(-1.0, 1.0)
         w, b = scale.to(work), bias.to(work)
         logit = w * (cos + b)
@@ -199,8 +199,8 @@ def directional_probabilities(
         check_finite(name, t)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
-        e = F.normalize(embeddings.to(work), dim=-1, eps=eps)
-        d = F.normalize(directions.to(work), dim=-1, eps=eps)
+        e = normalize(embeddings.to(work), eps)
+        d = normalize(directions.to(work), eps)
         w, b = scale.to(work), bias.to(work)
         cos = torch.matmul(e, d.transpose(0, 1)).clamp_(-1.0, 1.0)
         gate = None if rivalry is None else rival_log_gate(cos, rivalry).exp_()
@@ -432,8 +432,8 @@ def directional_focal_loss(
     with torch.autocast(embeddings.device.type, enabled=False):
         e = embeddings.reshape(-1, embeddings.shape[-1]).to(work)
         if not normalized:
-            e = F.normalize(e, dim=-1, eps=eps)
-        d = F.normalize(directions.to(work), dim=-1, eps=eps)
+            e = normalize(e, eps)
+        d = normalize(directions.to(work), eps)
         cos = e @ d.transpose(0, 1)
         total = _DirectionalFocalSum.apply(cos, scale, bias, labels, alpha, float(gamma), float(min_one_minus_cos))
     if reduction == "sum":
@@ -454,7 +454,7 @@ def dispersion_loss(directions: Tensor, eps: float = 1e-8) -> Tensor:
     c = directions.shape[0]
     if c < 2:
         return zero_loss(directions)
-    d = F.normalize(directions.to(compute_dtype(directions.dtype)), dim=-1, eps=eps)
+    d = normalize(directions.to(compute_dtype(directions.dtype)), eps)
     cos = d @ d.transpose(0, 1)
     off = ~torch.eye(c, dtype=torch.bool, device=d.device)
     return torch.where(off, cos.clamp(min=0), cos.new_zeros(())).sum() / (c * (c - 1))
