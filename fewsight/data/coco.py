@@ -61,7 +61,7 @@ class COCODataset(ImageFileDataset):
         image_dir: folder that ``file_name`` entries are relative to (default: the JSON's folder).
         classes: optional category names to keep, in label order; annotations of other (known)
             categories are left out. ``None``: every category, ordered by id.
-        transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
+        transforms, on_error, verify_images, min_size, max_pixels: see :class:`ImageFileDataset`.
 
     Errors (:class:`~fewsight.errors.DataError` naming the file): a missing or empty file, text that
     is not UTF-8, malformed or too deeply nested JSON, no ``categories``, a malformed category or
@@ -84,6 +84,7 @@ class COCODataset(ImageFileDataset):
         on_error: str = "raise",
         verify_images: bool = False,
         min_size: float = 1.0,
+        max_pixels: int | None = None,
     ) -> None:
         ann_file = Path(ann_file)
         data = self._read_json(ann_file)
@@ -121,7 +122,10 @@ class COCODataset(ImageFileDataset):
                     f"(known: {list(by_name)})"
                 )
             label_of = {by_name[n]: k for k, n in enumerate(names)}
-        super().__init__(names, transforms=transforms, on_error=on_error, verify_images=verify_images, min_size=min_size)
+        super().__init__(
+            names, transforms=transforms, on_error=on_error, verify_images=verify_images, min_size=min_size,
+            max_pixels=max_pixels,
+        )
         self.ann_file = ann_file
         self.category_ids: list[int] = list(label_of)
         self.num_crowd = 0

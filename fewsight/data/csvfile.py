@@ -68,7 +68,7 @@ class CSVDataset(ImageFileDataset):
             file and the line. ``None``: the sorted names found.
         header: whether the first row is a header; ``None``: it is one when :func:`is_csv_header`
             says so.
-        transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
+        transforms, on_error, verify_images, min_size, max_pixels: see :class:`ImageFileDataset`.
 
     Errors (:class:`~fewsight.errors.DataError` naming the file and line): missing or empty file,
     text that is not UTF-8, a row without 6 columns (the first row included), a non-numeric
@@ -89,6 +89,7 @@ class CSVDataset(ImageFileDataset):
         on_error: str = "raise",
         verify_images: bool = False,
         min_size: float = 1.0,
+        max_pixels: int | None = None,
     ) -> None:
         csv_file = Path(csv_file)
         super().__init__(
@@ -97,6 +98,7 @@ class CSVDataset(ImageFileDataset):
             on_error=on_error,
             verify_images=verify_images,
             min_size=min_size,
+            max_pixels=max_pixels,
         )
         self.csv_file = csv_file
         text = read_text(csv_file)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,13 +101,18 @@ def _open_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
     """The one place fewsight opens an image file: Pillow's failures become ``DataError(path, ...)``.
 
     An image of more than ``max_pixels`` pixels (``None``: Pillow's ``Image.MAX_IMAGE_PIXELS``) is
-    refused before any pixel is decoded, whether Pillow would have warned about it or refused it.
+    refused before any pixel is decoded, whether Pillow would have warned about it or refused it;
+    Pillow's ``DecompressionBombWarning`` is not emitted (the ``DataError`` says it, or ``max_pixels``
+    allowed the image).
     """
     if not path.is_file():
         raise DataError(path, "image file not found")
     limit = _pixel_limit(max_pixels)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if limit is not None and w * h > limit:
                 raise DataError(
@@ -303,7 +309,8 @@ class ImageFileDataset(DetectionDataset):
     ``on_error="skip"`` skips (and records in ``skipped``) what is found bad while indexing; a file
     that is corrupt only in its pixel data is found at indexing time only with
     ``verify_images=True`` — otherwise ``__getitem__`` raises :class:`~fewsight.errors.DataError`
-    naming it.
+    naming it. ``max_pixels`` bounds the pixels of each image (``None``: Pillow's
+    ``Image.MAX_IMAGE_PIXELS``); a larger one is a ``DataError`` (or a skip) at indexing time.
     """
 
     def __init__(
@@ -314,8 +321,10 @@ class ImageFileDataset(DetectionDataset):
         on_error: str = "raise",
         verify_images: bool = False,
         min_size: float = 1.0,
+        max_pixels: int | None = None,
     ) -> None:
         super().__init__(classes, transforms=transforms)
+        _pixel_limit(max_pixels)  # validated now, not at the first image
         if len(set(self.classes)) != len(self.classes):
             raise InvalidArgumentError(f"classes: expected distinct names, got {short_repr(self.classes)}")
         check_choice("on_error", on_error, ON_ERROR)
@@ -324,6 +333,7 @@ class ImageFileDataset(DetectionDataset):
         self.on_error = on_error
         self.verify_images = bool(verify_images)
         self.min_size = float(min_size)
+        self.max_pixels = max_pixels
         self._paths = np.array([], dtype=str)
         self._sizes = np.zeros((0, 2), dtype=np.int64)
         self._boxes = np.zeros((0, 4), dtype=np.float32)
@@ -345,7 +355,7 @@ class ImageFileDataset(DetectionDataset):
         kept: list[_Entry] = []
         for pos, e in enumerate(entries):
             try:
-                size = read_image_size(e.image, full=self.verify_images)
+                size = read_image_size(e.image, full=self.verify_images, max_pixels=self.max_pixels)
             except DataError as exc:
                 self._fail(exc.path, exc.reason)
                 continue
@@ -452,5 +462,5 @@ class ImageFileDataset(DetectionDataset):
         }
 
     def load(self, index: int) -> tuple[Tensor, Target]:
-        image = load_image(self._paths[index])
+        image = load_image(self._paths[index], max_pixels=self.max_pixels)
         return image, self.get_target(index)

@@ -58,7 +58,7 @@ class VOCDataset(ImageFileDataset):
         keep_difficult: keep objects flagged ``<difficult>1</difficult>`` (left out by default, as
             VOC evaluation ignores them).
         ann_dir, image_dir: sub-folders of ``root`` (or absolute paths).
-        transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
+        transforms, on_error, verify_images, min_size, max_pixels: see :class:`ImageFileDataset`.
 
     An XML without ``<object>`` is an image without objects (empty target). Errors
     (:class:`~fewsight.errors.DataError` naming the file): a missing or malformed XML (text is
@@ -81,6 +81,7 @@ class VOCDataset(ImageFileDataset):
         on_error: str = "raise",
         verify_images: bool = False,
         min_size: float = 1.0,
+        max_pixels: int | None = None,
     ) -> None:
         root = Path(root)
         self.root = root
@@ -93,6 +94,7 @@ class VOCDataset(ImageFileDataset):
             on_error=on_error,
             verify_images=verify_images,
             min_size=min_size,
+            max_pixels=max_pixels,
         )
         if image_set is not None:
             list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"

@@ -118,7 +118,7 @@ class YOLODataset(ImageFileDataset):
             first ``classes.txt`` / ``data.yaml`` / ``dataset.yaml`` found in ``label_dir``, its
             parent, or ``image_dir``'s parent or grand-parent; else names ``"0".."K-1"`` (``K`` = 1 +
             the largest class id found).
-        transforms, on_error, verify_images, min_size: see :class:`ImageFileDataset`.
+        transforms, on_error, verify_images, min_size, max_pixels: see :class:`ImageFileDataset`.
 
     Errors (:class:`~fewsight.errors.DataError` naming the file and line): a label file that is not
     UTF-8, a line that is not ``class cx cy w h`` numbers (or a polygon), a class id that is not an
@@ -137,6 +137,7 @@ class YOLODataset(ImageFileDataset):
         on_error: str = "raise",
         verify_images: bool = False,
         min_size: float = 1.0,
+        max_pixels: int | None = None,
     ) -> None:
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
@@ -151,7 +152,7 @@ class YOLODataset(ImageFileDataset):
             found = _class_file(image_dir, label_dir)
             names = None if found is None else read_class_names(found)
         super().__init__(
-            names or [], transforms=transforms, on_error=on_error, verify_images=verify_images, min_size=min_size
+            names or [], transforms=transforms, on_error=on_error, verify_images=verify_images, min_size=min_size, max_pixels=max_pixels
         )
         self.image_dir, self.label_dir = image_dir, label_dir
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

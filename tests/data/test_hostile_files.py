@@ -29,6 +29,7 @@ from fewsight.data import (
     open_dataset,
     read_image_size,
 )
+from fewsight.data.formats import get_format
 from fewsight.data.yolo import MAX_CLASS_ID, read_class_names
 from fewsight.errors import DataError, InvalidArgumentError
 
@@ -147,6 +148,32 @@ def test_every_reader_refuses_a_bomb_or_skips_it(tmp_path, monkeypatch, fmt):
         open_dataset(path)
     ds = open_dataset(path, on_error="skip")
     assert len(ds) == 0 and ds.num_skipped == 1 and ds.skipped[0].path == img
+
+
+def test_pillow_bomb_warning_is_not_emitted(tmp_path, monkeypatch, recwarn):
+    # 12x12 = 144 pixels: Pillow (limit 100) warns and opens; fewsight's DataError says it instead.
+    bomb = _png(tmp_path / "bomb.png", (12, 12))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    warnings.simplefilter("always")
+    for call in (lambda: load_image(bomb), lambda: read_image_size(bomb)):
+        with pytest.raises(DataError, match="expected at most 100 pixels"):
+            call()
+    assert load_image(bomb, max_pixels=144).shape == (3, 12, 12)  # a larger limit asked for: no warning either
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_reader_takes_max_pixels(tmp_path, fmt):
+    path, img = _dataset(fmt, tmp_path, image_size=(10, 10))
+    assert "max_pixels" in get_format(fmt).option_names()
+    ds = open_dataset(path, max_pixels=100)
+    assert len(ds) == 1 and ds.max_pixels == 100 and ds[0][0].shape == (3, 10, 10)
+    with pytest.raises(DataError, match=r"a\.png: cannot read image: expected at most 99 pixels, got 10x10"):
+        open_dataset(path, max_pixels=99)
+    ds = open_dataset(path, max_pixels=99, on_error="skip")
+    assert len(ds) == 0 and ds.skipped[0].path == img
+    with pytest.raises(InvalidArgumentError, match="max_pixels"):
+        open_dataset(path, max_pixels=0)
 
 
 def test_max_pixels_is_explicit_and_checked(tmp_path):
