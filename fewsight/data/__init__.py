@@ -26,31 +26,25 @@ Example:
 
 from fewsight.data.coco import COCODataset, write_coco
 from fewsight.data.collate import collate_detection
-from fewsight.data.csvfile import CSV_COLUMNS, CSVDataset, write_csv
+from fewsight.data.csvfile import CSVDataset, write_csv
 from fewsight.data.dataset import (
-    ON_ERROR,
     DetectionDataset,
     ImageFileDataset,
     RelabeledDataset,
-    SkippedItem,
     load_image,
-    read_image_size,
     save_image,
 )
 from fewsight.data.digits import (
     BASE_CLASSES,
     DIGIT_CLASSES,
     NOVEL_CLASSES,
-    DigitsCanvas,
     DigitsDataset,
-    digit_pools,
-    load_mnist_digits,
 )
-from fewsight.data.export import EXPORT_FORMATS, export_dataset
+from fewsight.data.export import export_dataset
 from fewsight.data.formats import FORMATS, DatasetFormat, get_format, infer_format, open_dataset
-from fewsight.data.transforms import apply_transforms, eval_transforms, train_transforms
+from fewsight.data.transforms import eval_transforms, train_transforms
 from fewsight.data.voc import VOC_CLASSES, VOCDataset, write_voc
-from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, read_class_names, write_yolo
+from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, write_yolo
 
 __all__ = [
     "BASE_CLASSES",

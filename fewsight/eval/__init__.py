@@ -15,9 +15,9 @@ Example:
     1.0
 """
 
-from fewsight.eval.evaluate import evaluate_model, model_device, predict, progress_bar
-from fewsight.eval.io import atomic_write_bytes, detections_to_json, to_jsonable, write_json
-from fewsight.eval.metrics import DetectionEvaluator, evaluate_detections, normalize_predictions, normalize_targets
+from fewsight.eval.evaluate import evaluate_model, model_device, predict
+from fewsight.eval.io import detections_to_json, write_json
+from fewsight.eval.metrics import DetectionEvaluator, evaluate_detections
 from fewsight.eval.plots import (
     draw_detections,
     plot_detection_grid,
@@ -28,6 +28,7 @@ from fewsight.eval.plots import (
 )
 
 __all__ = [
+    "model_device",
     "DetectionEvaluator",
     "detections_to_json",
     "draw_detections",

@@ -14,11 +14,13 @@ from fewsight.geometry.boxes import (
     clip_boxes,
     sanitize_boxes,
 )
-from fewsight.geometry.coder import DEFAULT_SCALE_CLAMP, BoxCoder
+from fewsight.geometry.coder import BoxCoder
 from fewsight.geometry.matching import BACKGROUND, IGNORE, Match, match
 from fewsight.geometry.targets import PaddedTargets, pad_targets
 
 __all__ = [
+    "SSD300_ASPECT_RATIOS",
+    "feature_size",
     "BACKGROUND",
     "BOX_FORMATS",
     "IGNORE",

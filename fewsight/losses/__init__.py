@@ -11,6 +11,8 @@ from fewsight.losses.multibox import MultiBoxLoss, check_multibox_options
 from fewsight.losses.directional import DirectionalFocalLoss, DispersionLoss
 
 __all__: list[str] = [
+    "check_focal_options",
+    "check_multibox_options",
     "functional",
     "CCSLoss",
     "CCSDetectionLoss",

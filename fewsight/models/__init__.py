@@ -3,11 +3,7 @@
 from fewsight.models.backbones import (
     BACKBONES,
     BackboneWithFPN,
-    MobileNetV2Features,
-    ResNetFeatures,
     build_backbone,
-    freeze_batchnorm,
-    offline_weights_path,
 )
 from fewsight.models.fpn import FPN
 from fewsight.models.crops import crop_boxes
@@ -17,10 +13,9 @@ from fewsight.models.assignment import AnchorAssigner
 from fewsight.models.postprocess import DetectionPostprocess
 from fewsight.models.heads import DLDENetHead, RetinaNetHead
 from fewsight.models.retinanet import RetinaNet
-from fewsight.models.directions import DirectionalClassifier
 from fewsight.models.dldenet import DLDENet
 from fewsight.models.ssd import SSD, DefaultBoxGenerator, SSDHead
-from fewsight.models.export import OnnxDetector, OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
+from fewsight.models.export import OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
 
 __all__: list[str] = [
     "BACKBONES",

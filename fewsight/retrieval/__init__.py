@@ -27,13 +27,14 @@ Example:
 """
 
 from fewsight.retrieval.hubness import csls_penalty, csls_similarity
-from fewsight.retrieval.gallery import GALLERY_FORMAT, Gallery, SearchResult
+from fewsight.retrieval.gallery import Gallery, SearchResult
 from fewsight.retrieval.metrics import mean_average_precision_at_r, ordered_topk, recall_at_k
 from fewsight.retrieval.objects import embed_crop, embed_objects, index_images, known_scores
 from fewsight.retrieval.openset import auroc, fpr_at_tpr
 from fewsight.retrieval.whitening import Whitening, learn_whitening
 
 __all__ = [
+    "ordered_topk",
     "Gallery",
     "SearchResult",
     "Whitening",

@@ -7,14 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fewsight.data import (
-    BASE_CLASSES,
-    NOVEL_CLASSES,
-    DigitsDataset,
-    collate_detection,
-    digit_pools,
-    load_mnist_digits,
-)
+from fewsight.data import BASE_CLASSES, NOVEL_CLASSES, DigitsDataset, collate_detection
+from fewsight.data.digits import digit_pools, load_mnist_digits
 from fewsight.errors import InvalidArgumentError
 
 

@@ -9,21 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fewsight.data import (
-    EXPORT_FORMATS,
-    FORMATS,
-    COCODataset,
-    CSVDataset,
-    DatasetFormat,
-    DigitsDataset,
-    EmojiLogosDataset,
-    VOCDataset,
-    YOLODataset,
-    export_dataset,
-    get_format,
-    infer_format,
-    open_dataset,
-)
+from fewsight.data import FORMATS, COCODataset, CSVDataset, DatasetFormat, DigitsDataset, EmojiLogosDataset, VOCDataset, YOLODataset, export_dataset, get_format, infer_format, open_dataset
+from fewsight.data.export import EXPORT_FORMATS
 from fewsight.errors import DataError, InvalidArgumentError
 from tests._fake_emoji import NAMES as EMOJI_NAMES
 from tests._fake_emoji import write_fake_emoji

@@ -20,15 +20,8 @@ import torch
 from PIL import Image
 
 from fewsight._io import read_json, read_text
-from fewsight.data import (
-    COCODataset,
-    CSVDataset,
-    VOCDataset,
-    YOLODataset,
-    load_image,
-    open_dataset,
-    read_image_size,
-)
+from fewsight.data import COCODataset, CSVDataset, VOCDataset, YOLODataset, load_image, open_dataset
+from fewsight.data.dataset import read_image_size
 from fewsight.data.formats import get_format
 from fewsight.data.yolo import MAX_CLASS_ID, read_class_names
 from fewsight.errors import DataError, InvalidArgumentError

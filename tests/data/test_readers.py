@@ -11,21 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fewsight.data import (
-    EXPORT_FORMATS,
-    COCODataset,
-    CSVDataset,
-    DigitsDataset,
-    VOCDataset,
-    YOLODataset,
-    collate_detection,
-    export_dataset,
-    load_image,
-    write_coco,
-    write_csv,
-    write_voc,
-    write_yolo,
-)
+from fewsight.data import COCODataset, CSVDataset, DigitsDataset, VOCDataset, YOLODataset, collate_detection, export_dataset, load_image, write_coco, write_csv, write_voc, write_yolo
+from fewsight.data.export import EXPORT_FORMATS
 from fewsight.errors import DataError, InvalidArgumentError
 
 CLASSES = ["cat", "dog", "bird"]

@@ -7,13 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from fewsight.data import (
-    DigitsDataset,
-    apply_transforms,
-    collate_detection,
-    eval_transforms,
-    train_transforms,
-)
+from fewsight.data import DigitsDataset, collate_detection, eval_transforms, train_transforms
+from fewsight.data.transforms import apply_transforms
 from fewsight.errors import InvalidArgumentError
 
 

@@ -10,16 +10,8 @@ import torch
 from torchmetrics.detection import MeanAveragePrecision
 
 from fewsight.errors import InvalidArgumentError, LabelError, ShapeError
-from fewsight.eval import (
-    DetectionEvaluator,
-    detections_to_json,
-    evaluate_detections,
-    plot_detection_grid,
-    plot_detections,
-    plot_precision_recall,
-    to_jsonable,
-    write_json,
-)
+from fewsight.eval import DetectionEvaluator, detections_to_json, evaluate_detections, plot_detection_grid, plot_detections, plot_precision_recall, write_json
+from fewsight.eval.io import to_jsonable
 
 
 def _gt(boxes, labels):

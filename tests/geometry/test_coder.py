@@ -9,7 +9,8 @@ import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 
 from fewsight.errors import InvalidArgumentError, ShapeError
-from fewsight.geometry import DEFAULT_SCALE_CLAMP, BoxCoder
+from fewsight.geometry import BoxCoder
+from fewsight.geometry.coder import DEFAULT_SCALE_CLAMP
 
 WEIGHTS = [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (2.0, 3.0, 0.5, 7.0)]
 
