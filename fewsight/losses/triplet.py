@@ -34,9 +34,12 @@ returns ``Tensor[N]``, each anchor's sum of its terms (0 for unknown or invalid 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from fewsight.errors import InvalidArgumentError, check_choice, check_real
 from fewsight.losses._common import check_embeddings_labels, check_reduction, reduce_loss, upcast
@@ -51,6 +54,9 @@ TRIPLET_DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 # reused by the allocator); batches up to this many known samples are one dense tile.
 _AUTO_BLOCK = 1024
 _SOFT_ALL_ELEMENTS = 1 << 24  # soft batch-all: triplets evaluated at once
+# Batch-all / semi-hard default anchor block: rows × K distances of about this many elements.
+_ROW_ELEMENTS = 1 << 20
+_COMPARE_MAX = 16  # up to this many positives per anchor, buckets by comparisons (else binary search)
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:
@@ -144,79 +150,227 @@ def _batch_hard(
     return _violation(d_ap, d_an, margin, soft)
 
 
-def _batch_all(
-    x: Tensor, known_idx: Tensor, groups: Tensor, distance: str, margin: float, soft: bool, eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor sums over all valid triplets, and the number of counted triplets."""
-    dist = _dense_distance(x.index_select(0, known_idx), distance, eps)  # [K, K]
-    same = groups.unsqueeze(1) == groups.unsqueeze(0)
-    pos_mask = same.clone()
-    pos_mask.diagonal().fill_(False)
-    neg_mask = ~same
+# --------------------------------------------------------------------------------------------
+# Block-wise batch-all and semi-hard: anchor blocks of ``rows × K`` distances, no K × K matrix.
+# Rows are sorted by label inside, so an anchor's positives are the contiguous run of its group:
+# they are gathered by index (``Tensor[b, P]``) and its group's columns are set to +inf, which
+# makes every remaining column a negative without any ``b × K`` mask.
+# --------------------------------------------------------------------------------------------
+
+
+def _block_distance(xr: Tensor, x: Tensor, sqn_r: Tensor | None, sqn: Tensor | None, distance: str) -> tuple[Tensor, Tensor]:
+    """``(d, aux)`` for anchor rows ``xr: Tensor[b, D]`` against ``x: Tensor[K, D]``, both ``Tensor[b, K]``.
+
+    ``x`` is already unit-norm for ``"cosine"`` (``aux`` = the cosine); otherwise ``aux`` is the
+    squared distance before clamping at 0. Same formulas as :func:`_dense_distance`.
+    """
+    if distance == "cosine":
+        s = xr @ x.t()
+        return torch.sub(1.0, s), s
+    sq_raw = torch.addmm(sqn.unsqueeze(0), xr, x.t(), alpha=-2.0).add_(sqn_r.unsqueeze(1))
+    d = sq_raw.clamp(min=0)
+    return (d if distance == "squared_euclidean" else d.sqrt_()), sq_raw
+
+
+def _bucket(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
+    """``searchsorted`` of ``values: Tensor[b, K]`` in ascending ``sorted_rows: Tensor[b, P]`` (int64).
+
+    Few boundaries: ``P`` vectorised comparisons beat a binary search per element.
+    """
+    if sorted_rows.shape[1] > _COMPARE_MAX:
+        return torch.searchsorted(sorted_rows.contiguous(), values.contiguous(), side="right" if right else "left")
+    out = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)  # P <= _COMPARE_MAX < 256
+    for i in range(sorted_rows.shape[1]):  # over positive slots, not anchors
+        t = sorted_rows[:, i : i + 1]
+        out += (t <= values) if right else (t < values)
+    return out.long()
+
+
+def _block_terms(
+    d: Tensor, rows: Tensor, start: Tensor, size: Tensor, p_max: int, mining: str, margin: float, soft: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-anchor sums ``Tensor[b]``, the counted terms (0-dim), and ``W = d(sums)/d(d): Tensor[b, K]``.
+
+    ``d`` (modified in place) holds the block's distances in label-sorted column order; ``rows``,
+    ``start``, ``size``: ``Long[b]`` each anchor's column, group start and group size. Every loss
+    here is first order ``Σ_j W_aj d_aj`` with per-pair weights (counts of active triplets, or
+    the hinge / softplus slopes of the chosen pairs), so backward needs only a block's ``W``.
+    """
+    b, k = d.shape
+    if p_max == 0:  # no anchor has a positive
+        return d.new_zeros(b), d.new_zeros(()), d.new_zeros(b, k) if need_weights else None
+    p = p_max
+    inf = float("inf")
+    # Positive slots j < size - 1: the group's columns, skipping the anchor's own.
+    j = torch.arange(p, device=d.device)
+    pcol = start.unsqueeze(1) + j
+    pcol += pcol >= rows.unsqueeze(1)
+    ok_pos = j < (size - 1).unsqueeze(1)
+    pcol = torch.where(ok_pos, pcol, rows.unsqueeze(1))
+    d_pos, order = torch.where(ok_pos, d.gather(1, pcol), inf).sort(dim=1)  # ascending, +inf pads last
+    pcol, ok_pos = pcol.gather(1, order), ok_pos.gather(1, order)
+    gj = torch.arange(p_max + 1, device=d.device)
+    gcol = torch.where(gj < size.unsqueeze(1), start.unsqueeze(1) + gj, rows.unsqueeze(1))  # the whole group
+    num_neg = k - size
+    n_pos = ok_pos.sum(dim=1)
+    w = None
+
+    if mining == "batch_all" and soft:
+        d.scatter_(1, gcol, inf)  # now d = negatives' distances, +inf elsewhere
+        d_ap = torch.where(ok_pos, d_pos, torch.zeros_like(d_pos))
+        value = d.new_zeros(b)
+        w_pos = d.new_zeros(b, p)
+        w_neg = d.new_zeros(b, k) if need_weights else None
+        step = max(1, _SOFT_ALL_ELEMENTS // (p * k))
+        for a0 in range(0, b, step):  # sub-blocks of anchors: Tensor[step, P, K] at a time
+            a1 = min(a0 + step, b)
+            trip = d_ap[a0:a1].unsqueeze(2) - d[a0:a1].unsqueeze(1)  # -inf at non-negatives
+            okp = ok_pos[a0:a1].unsqueeze(2)
+            value[a0:a1] = F.softplus(trip).mul_(okp).sum(dim=(1, 2))
+            if w_neg is not None:
+                sig = torch.sigmoid(trip).mul_(okp)
+                w_pos[a0:a1] = sig.sum(dim=2)
+                w_neg[a0:a1] = sig.sum(dim=1)
+        count = (n_pos * num_neg).sum().to(d.dtype)
+        if w_neg is not None:
+            w = w_neg.neg_().scatter_add_(1, pcol, w_pos)
+        return value, count, w
+
+    if mining == "batch_all":
+        # Triplet (a, p, n) active iff d_an < d_ap + m. With bucket(n) = #{p: d_ap + m <= d_an}, n is
+        # active for c_an = P_a - bucket(n) positives, and c_ap(i) = #{n: d_an < d_ap(i) + m}. The
+        # group's columns hold the largest finite value: bucket = P_a there, so c_an = 0 unmasked.
+        d.scatter_(1, gcol, torch.finfo(d.dtype).max)
+        thr = d_pos + margin  # ascending, +inf pads
+        if p <= _COMPARE_MAX:
+            acc = torch.zeros((b, k), dtype=torch.uint8, device=d.device)
+            c_ap = d.new_empty(b, p)
+            for i in range(p):  # over positive slots, not anchors
+                ge = thr[:, i : i + 1] <= d
+                acc += ge
+                c_ap[:, i] = k - ge.sum(dim=1)
+            c_an = acc.to(d.dtype)
+        else:
+            bucket = torch.searchsorted(thr, d, side="right")
+            c_ap = d.new_zeros(b, p + 1).scatter_add_(1, bucket, torch.ones_like(d)).cumsum(dim=1)[:, :p]
+            c_an = bucket.to(d.dtype)
+        c_ap.masked_fill_(~ok_pos, 0)
+        c_an.neg_().add_(n_pos.unsqueeze(1))
+        if need_weights:
+            return d.new_zeros(b), c_ap.sum(), c_an.neg_().scatter_add_(1, pcol, c_ap)
+        d_ap = torch.where(ok_pos, d_pos, torch.zeros_like(d_pos))
+        value = (c_ap * (d_ap + margin)).sum(dim=1) - torch.linalg.vecdot(c_an, d, dim=1)
+        return value, c_ap.sum(), None
+
+    # Semi-hard: the nearest negative strictly farther than the positive, else the farthest one.
+    # bucket(n) = #{p: d_ap < d_an}: n is farther than the positive in slot i iff bucket(n) > i, so
+    # slot i's answer is the minimum over buckets i+1..P (a suffix minimum of bucket minima).
+    d.scatter_(1, gcol, inf)  # now d = negatives' distances, +inf elsewhere
+    spare = p_max + 1  # bucket of the group's own columns
+    bucket = _bucket(d_pos, d, right=False).scatter_(1, gcol, spare)
+    bmin = d.new_full((b, spare + 1), inf).scatter_reduce_(1, bucket, d, "amin")
+    cols = torch.arange(k, device=d.device).expand(b, k)
+    bcol = torch.full((b, spare + 1), k, dtype=torch.long, device=d.device)
+    at_min = d == bmin.gather(1, bucket)
+    bcol.scatter_reduce_(1, bucket, torch.where(at_min, cols, k), "amin")  # first column at the minimum
+    smin, sidx = bmin[:, :spare].flip(1).cummin(dim=1)
+    smin, sidx = smin.flip(1)[:, 1:], (p_max - sidx).flip(1)[:, 1:]  # slot i: min over buckets > i
+    far_d, far_col = d.scatter_(1, gcol, -inf).max(dim=1)
+    has_far = torch.isfinite(smin)
+    d_an = torch.where(has_far, smin, far_d.unsqueeze(1))
+    n_col = torch.where(has_far, bcol.gather(1, sidx), far_col.unsqueeze(1))
+    pair = ok_pos & (num_neg > 0).unsqueeze(1)
+    zero = torch.zeros_like(d_pos)
+    diff = torch.where(pair, d_pos - d_an, zero)
     if soft:
-        return _batch_all_soft(dist, pos_mask, neg_mask)
-    with torch.no_grad():
-        # Triplet (a, p, n) is active iff d_an < d_ap + margin. Sorting each anchor's negative
-        # (and positive) distances turns the counts into binary searches: no N³ tensor.
-        dd = dist.detach()
-        inf = torch.tensor(float("inf"), dtype=dd.dtype, device=dd.device)
-        neg_sorted = torch.where(neg_mask, dd, inf).sort(dim=1).values
-        pos_sorted = torch.where(pos_mask, dd, inf).sort(dim=1).values
-        coef_ap = torch.searchsorted(neg_sorted, dd + margin, side="left")
-        coef_ap = coef_ap.masked_fill_(~pos_mask, 0).to(dd.dtype)
-        below = torch.searchsorted(pos_sorted, dd - margin, side="right")
-        coef_an = (pos_mask.sum(dim=1, keepdim=True) - below).masked_fill_(~neg_mask, 0).to(dd.dtype)
-    # Σ_active (d_ap - d_an + m) = Σ_p c_ap (d_ap + m) - Σ_n c_an d_an: exact, with the relu's gradient.
-    per_anchor = (coef_ap * (dist + margin)).sum(dim=1) - (coef_an * dist).sum(dim=1)
-    return per_anchor, coef_ap.sum()
+        term, slope = F.softplus(diff), torch.sigmoid(diff)
+    else:
+        term = (diff + margin).clamp(min=0)
+        slope = (diff + margin > 0).to(d.dtype)  # clamp(min=0)'s gradient: 0 at the kink
+    value = torch.where(pair, term, zero).sum(dim=1)
+    if need_weights:
+        slope = torch.where(pair, slope, zero)
+        n_col = torch.where(pair, n_col.clamp(max=k - 1), rows.unsqueeze(1))
+        w = d.new_zeros(b, k).scatter_add_(1, pcol, slope).scatter_add_(1, n_col, -slope)
+    return value, pair.sum().to(d.dtype), w
 
 
-def _batch_all_soft(dist: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
-    k = dist.shape[0]
-    with torch.no_grad():
-        dd = dist.detach()
-        coef_ap = torch.zeros_like(dd)
-        coef_an = torch.zeros_like(dd)
-        value = dd.new_zeros(k)
-        step = max(1, _SOFT_ALL_ELEMENTS // max(k * k, 1))
-        for a0 in range(0, k, step):
-            a1 = min(a0 + step, k)
-            blk = dd[a0:a1]
-            trip = blk.unsqueeze(2) - blk.unsqueeze(1)  # [b, p, n]: d_ap - d_an
-            mask = pos_mask[a0:a1].unsqueeze(2) & neg_mask[a0:a1].unsqueeze(1)
-            sig = torch.sigmoid(trip).mul_(mask)
-            value[a0:a1] = F.softplus(trip).mul_(mask).sum(dim=(1, 2))
-            coef_ap[a0:a1] = sig.sum(dim=2)
-            coef_an[a0:a1] = sig.sum(dim=1)
-        count = (pos_mask.sum(dim=1) * neg_mask.sum(dim=1)).sum().to(dd.dtype)
-    # Linear in dist with the softplus' gradient; the detached offset makes the value exact.
-    linear = (coef_ap * dist).sum(dim=1) - (coef_an * dist).sum(dim=1)
-    return linear + (value - linear).detach(), count
+def _sort_by_group(x: Tensor, groups: Tensor, distance: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """``(order, xs, |xs|² or None, group of each sorted row, group starts, group sizes)``."""
+    order = torch.argsort(groups, stable=True)
+    gs = groups.index_select(0, order)
+    sizes = torch.bincount(gs)
+    xs = x.index_select(0, order)
+    return order, xs, None if distance == "cosine" else xs.pow(2).sum(dim=1), gs, sizes.cumsum(0) - sizes, sizes
 
 
-def _semi_hard(
-    x: Tensor, known_idx: Tensor, groups: Tensor, distance: str, margin: float, soft: bool, eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor sums over (anchor, positive) pairs with their semi-hard negative, and the pair count."""
-    dist = _dense_distance(x.index_select(0, known_idx), distance, eps)
-    same = groups.unsqueeze(1) == groups.unsqueeze(0)
-    pos_mask = same.clone()
-    pos_mask.diagonal().fill_(False)
-    with torch.no_grad():
-        dd = dist.detach()
-        num_neg = (~same).sum(dim=1)
-        inf = torch.tensor(float("inf"), dtype=dd.dtype, device=dd.device)
-        neg_sorted, neg_order = torch.where(same, inf, dd).sort(dim=1)
-        # First negative strictly farther than the positive ...
-        j = torch.searchsorted(neg_sorted.contiguous(), dd.contiguous(), side="right")
-        # ... else the farthest negative.
-        j = torch.where(j < num_neg.unsqueeze(1), j, (num_neg - 1).clamp(min=0).unsqueeze(1))
-        neg_choice = neg_order.gather(1, j)
-        pair_mask = pos_mask & (num_neg > 0).unsqueeze(1)
-    d_an = dist.gather(1, neg_choice)
-    per_pair = _violation(dist, d_an, margin, soft)
-    per_pair = torch.where(pair_mask, per_pair, torch.zeros_like(per_pair))
-    return per_pair.sum(dim=1), pair_mask.sum().to(dist.dtype)
+class _BlockTriplets(torch.autograd.Function):
+    """``(per-anchor sums Tensor[K], count)`` of batch-all / semi-hard over anchor blocks.
+
+    Forward and backward visit ``rows × K`` distance blocks (rows sorted by label); the backward
+    pass recomputes each block's distances and pair weights ``W`` and applies
+    ``H = g_a W_aj ∂d_aj/∂(sq or s)``: ``dX_a += 2(Σ_j H_aj x_a − H X)``, ``dX_j += 2(Σ_a H_aj x_j − Hᵀ X_a)``
+    (Euclidean) or ``−H X``, ``−Hᵀ X_a`` (cosine on unit rows). Saved for backward: ``X`` only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, groups: Tensor, p_max: int, mining: str, distance: str, margin: float, soft: bool, rows: int
+    ) -> tuple[Tensor, Tensor]:
+        ctx.args = (p_max, mining, distance, margin, soft, rows)
+        ctx.save_for_backward(x, groups)
+        k = x.shape[0]
+        order, xs, sqn, gs, starts, sizes = _sort_by_group(x, groups, distance)
+        value = x.new_zeros(k)
+        count = x.new_zeros(())
+        for r0 in range(0, k, rows):
+            r1 = min(r0 + rows, k)
+            g = gs[r0:r1]
+            d, _ = _block_distance(xs[r0:r1], xs, None if sqn is None else sqn[r0:r1], sqn, distance)
+            idx = torch.arange(r0, r1, device=x.device)
+            v, c, _ = _block_terms(d, idx, starts[g], sizes[g], p_max, mining, margin, soft, need_weights=False)
+            value[r0:r1] = v
+            count += c
+        ctx.mark_non_differentiable(count)
+        return torch.empty_like(value).index_copy_(0, order, value), count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor | None, _grad_count: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, groups = ctx.saved_tensors
+        p_max, mining, distance, margin, soft, rows = ctx.args
+        nones = (None,) * 7
+        if grad is None:
+            return (torch.zeros_like(x),) + nones
+        k = x.shape[0]
+        order, xs, sqn, gs, starts, sizes = _sort_by_group(x, groups, distance)
+        grad = grad.index_select(0, order)
+        dxs = torch.zeros_like(xs)
+        for r0 in range(0, k, rows):
+            r1 = min(r0 + rows, k)
+            g, xr = gs[r0:r1], xs[r0:r1]
+            d, aux = _block_distance(xr, xs, None if sqn is None else sqn[r0:r1], sqn, distance)
+            if distance == "euclidean":  # d sqrt(sq) / d sq = 1 / (2 d), 0 where sq <= 0
+                inv = torch.where(aux > 0, d.reciprocal(), torch.zeros_like(d)).mul_(0.5)
+            idx = torch.arange(r0, r1, device=x.device)
+            _, _, w = _block_terms(d, idx, starts[g], sizes[g], p_max, mining, margin, soft, need_weights=True)
+            h = w.mul_(grad[r0:r1].unsqueeze(1))
+            if distance == "cosine":
+                h.neg_()  # d = 1 - s
+            else:
+                if distance == "euclidean":
+                    h.mul_(inv)
+                else:  # clamp(min=0) passes the gradient where sq > 0
+                    h.masked_fill_(aux <= 0, 0.0)
+                h.mul_(2.0)
+                # sq_aj = |x_a|² + |x_j|² - 2 x_a·x_j
+                dxs[r0:r1].addcmul_(h.sum(dim=1, keepdim=True), xr)
+                dxs.addcmul_(h.sum(dim=0).unsqueeze(1), xs)
+                h.neg_()
+            dxs[r0:r1].addmm_(h, xs)
+            dxs.addmm_(h.t(), xr)
+        return (torch.empty_like(dxs).index_copy_(0, order, dxs),) + nones
 
 
 def triplet_loss(
@@ -282,11 +436,13 @@ def triplet_loss(
         per_known = _batch_hard(x, known_idx, groups, valid, distance, margin, soft, block, eps)
         per_known = torch.where(valid, per_known, torch.zeros_like(per_known))
         normalizer = valid.sum().clamp(min=1).to(per_known.dtype)
-    elif mining == "batch_all":
-        per_known, count = _batch_all(x, known_idx, groups, distance, margin, soft, eps)
-        normalizer = count.clamp(min=1)
     else:
-        per_known, count = _semi_hard(x, known_idx, groups, distance, margin, soft, eps)
+        xk = x.index_select(0, known_idx)
+        if distance == "cosine":
+            xk = _normalize(xk, eps)
+        p_max = int(group_count.max()) - 1 if k else 0  # most positives of an anchor
+        rows = block_size if block_size is not None else max(1, _ROW_ELEMENTS // max(k, 1))
+        per_known, count = _BlockTriplets.apply(xk, groups, p_max, mining, distance, margin, soft, rows)
         normalizer = count.clamp(min=1)
 
     # Anchors back in input order; unknown ones are 0 (scatter into zeros keeps the graph).

@@ -146,6 +146,99 @@ def test_batch_hard_auto_blocks_above_threshold(monkeypatch):
     assert tiles and max(tiles) <= 32 * 32
 
 
+# --- block-wise batch-all / semi-hard vs the dense forms -------------------------------------------
+
+
+def dense_triplet(x, labels, margin, mining, distance, normalize, soft, eps=1e-8):
+    """The former dense implementation (K × K distances, per-anchor sorted rows); returns (per-anchor, count)."""
+    if normalize:
+        x = F.normalize(x, dim=1, eps=eps)
+    known = (labels >= 0).nonzero().squeeze(1)
+    _, groups = torch.unique(labels[known], return_inverse=True)
+    dist = triplet_mod._dense_distance(x[known], distance, eps)
+    same = groups.unsqueeze(1) == groups.unsqueeze(0)
+    pos_mask = same.clone()
+    pos_mask.diagonal().fill_(False)
+    neg_mask = ~same
+    dd = dist.detach()
+    inf = torch.tensor(float("inf"), dtype=dd.dtype)
+    if mining == "batch_all" and soft:
+        trip = dist.unsqueeze(2) - dist.unsqueeze(1)  # [a, p, n]
+        mask = pos_mask.unsqueeze(2) & neg_mask.unsqueeze(1)
+        per = (F.softplus(trip) * mask).sum(dim=(1, 2))
+        count = mask.sum().to(dd.dtype)
+    elif mining == "batch_all":
+        trip = dist.unsqueeze(2) - dist.unsqueeze(1) + margin
+        mask = pos_mask.unsqueeze(2) & neg_mask.unsqueeze(1)
+        v = trip.clamp(min=0) * mask
+        per, count = v.sum(dim=(1, 2)), (v > 0).sum().to(dd.dtype)
+    else:
+        num_neg = neg_mask.sum(dim=1)
+        neg_sorted, neg_order = torch.where(same, inf, dd).sort(dim=1)
+        j = torch.searchsorted(neg_sorted.contiguous(), dd.contiguous(), side="right")
+        j = torch.where(j < num_neg.unsqueeze(1), j, (num_neg - 1).clamp(min=0).unsqueeze(1))
+        pair_mask = pos_mask & (num_neg > 0).unsqueeze(1)
+        d_an = dist.gather(1, neg_order.gather(1, j))
+        v = F.softplus(dist - d_an) if soft else (dist - d_an + margin).clamp(min=0)
+        per = torch.where(pair_mask, v, torch.zeros_like(v)).sum(dim=1)
+        count = pair_mask.sum().to(dd.dtype)
+    out = x.new_zeros(x.shape[0]).index_add(0, known, per)
+    return out, count
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_blockwise_equals_dense(mining, distance, soft):
+    x, labels = random_batch(n=130, d=16, classes=9, seed=13)
+    labels[:40] = labels[:40] % 2  # two big classes: many positives per anchor
+    margin = 0.1 if distance == "cosine" else 1.0
+    for normalize in (False, True):
+        xr = x.clone().requires_grad_(True)
+        per_ref, count = dense_triplet(xr, labels, margin, mining, distance, normalize, soft)
+        ref = per_ref.sum() / count.clamp(min=1)
+        ref.backward()
+        for block in (None, 1, 7, 64, 129, 500):
+            xb = x.clone().requires_grad_(True)
+            kw = dict(margin=margin, mining=mining, distance=distance, normalize=normalize, soft=soft, block_size=block)
+            torch.testing.assert_close(triplet_loss(x, labels, reduction="none", **kw), per_ref.detach(), rtol=1e-10, atol=1e-11)
+            got = triplet_loss(xb, labels, **kw)
+            torch.testing.assert_close(got, ref.detach(), rtol=1e-10, atol=1e-11)
+            got.backward()
+            torch.testing.assert_close(xb.grad, xr.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_no_n_by_n_tensor_saved_or_built(mining, monkeypatch):
+    x, labels = random_batch(n=300, d=8, classes=20, unknown=True, seed=14, dtype=torch.float32)
+    x.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense distance matrix must not be built")
+
+    blocks = []
+    real_block = triplet_mod._block_distance
+
+    def spy(xr, *args):
+        out = real_block(xr, *args)
+        blocks.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(triplet_mod, "_dense_distance", no_dense)
+    monkeypatch.setattr(triplet_mod, "_block_distance", spy)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = triplet_loss(x, labels, mining=mining, block_size=16)
+    loss.backward()
+    assert max(saved) <= 300 * 8  # X (and per-sample vectors), never N × N
+    if mining != "batch_hard":
+        assert blocks and all(r <= 16 for r, _ in blocks)
+
+
 def test_unknown_labels_are_ignored_everywhere():
     x, labels = random_batch(n=16, unknown=False, seed=6)
     labels[[2, 5, 11]] = -1
