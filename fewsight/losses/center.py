@@ -4,6 +4,13 @@
 sample's own centre is read (a gather), so the cost is ``O(N·D)`` and no ``[N, C]`` matrix is
 built; :func:`center_loss_from_distances` accepts a precomputed ``[N, C]`` matrix instead.
 
+``gather=True`` under ``torch.distributed``: the mean runs over the known samples of ALL ranks
+(the count is all-reduced; each sample only meets its own centre, so nothing else crosses ranks).
+As for the circle loss (:mod:`fewsight.losses.distributed`), each rank returns ``world_size x``
+its share of the full-batch loss: the rank mean of the values is the single-process loss on the
+concatenated batch and, after DDP's gradient averaging, the gradients (centres included) are the
+single-process ones. ``reduction="none"`` returns the local terms, unscaled. Not distributed: ignored.
+
 Relation to pytorch-ood: ``pytorch_ood.loss.CenterLoss`` takes the mean over the ``N × C``
 entries of its masked distance matrix, so its value equals ours divided by ``C`` (up to its
 ``1e-12`` clamp of every entry).
@@ -15,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError, ShapeError, check_choice, check_finite, check_floating, check_ndim, check_real
+from fewsight.losses import distributed as _dist
 from fewsight.losses._common import (
     check_embeddings_labels,
     check_squared_distances,
@@ -58,6 +66,7 @@ def center_loss(
     reduction: str = "mean",
     *,
     eps: float = 1e-8,
+    gather: bool = False,
 ) -> Tensor:
     """Generalised center loss ``max(d(x_i, μ_{y_i}) - r, 0)`` (Wen et al. 2016, eq. 2 with r = 0).
 
@@ -72,6 +81,7 @@ def center_loss(
         distance: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"`` (``1 - cos``).
         reduction: ``"mean"`` over known samples, ``"sum"``, or ``"none"`` (``Tensor[N]``, 0 for unknown).
         eps: lower bound of the norms in the cosine distance.
+        gather: under DDP, average over the known samples of every rank (see the module docstring).
 
     Returns:
         The loss (float32 for fp16/bf16 inputs); ``0`` with a gradient graph when no label is known.
@@ -104,7 +114,14 @@ def center_loss(
     known = labels >= 0
     own = mu.index_select(0, labels.clamp(min=0))  # [N, D], never [N, C]
     per_sample = (_own_distance(x, own, known, distance, eps, (embeddings, centers)) - radius).clamp(min=0)
-    return reduce_loss(per_sample, reduction, known)
+    world = _dist.world_size() if gather else 1
+    if world == 1 or reduction == "none":
+        return reduce_loss(per_sample, reduction, known)
+    total = reduce_loss(per_sample, "sum", known) * world
+    if reduction == "sum":
+        return total
+    count = _dist.all_reduce_sum(known.sum()).clamp(min=1)
+    return total / count.to(total.dtype)
 
 
 def center_loss_from_distances(
@@ -152,7 +169,7 @@ class CenterLoss(nn.Module):
         embedding_dim: ``D``.
         learnable: centres trained by gradient (``True``) or fixed.
         magnitude: scale of the initial centres.
-        radius, distance, reduction, eps: see :func:`center_loss`.
+        radius, distance, reduction, eps, gather: see :func:`center_loss`.
 
     Example:
         >>> loss = CenterLoss(3, 3, magnitude=2.0)
@@ -173,6 +190,7 @@ class CenterLoss(nn.Module):
         distance: str = "squared_euclidean",
         reduction: str = "mean",
         eps: float = 1e-8,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -188,6 +206,7 @@ class CenterLoss(nn.Module):
         self.distance = distance
         self.reduction = check_reduction(reduction)
         self.eps = eps
+        self.gather = bool(gather)
         centers = torch.empty(num_classes, embedding_dim)
         if learnable:
             self.centers = nn.Parameter(centers)
@@ -209,7 +228,8 @@ class CenterLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return center_loss(
-            embeddings, labels, self.centers, self.radius, self.distance, self.reduction, eps=self.eps
+            embeddings, labels, self.centers, self.radius, self.distance, self.reduction, eps=self.eps,
+            gather=self.gather,
         )
 
     def extra_repr(self) -> str:

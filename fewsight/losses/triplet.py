@@ -18,14 +18,32 @@ Mining strategies:
 * ``"batch_all"``: every valid triplet; the mean is over triplets with a positive loss (the
   "batch all +" of Hermans et al., also what pytorch-metric-learning's default
   ``AvgNonZeroReducer`` does); with ``soft=True`` every triplet has a positive loss, so the mean
-  is over all valid triplets. Dense: ``O(N²)`` memory, ``O(N² log N)`` time for the hinge
-  (per-anchor sorted negatives count the active triplets, nothing ``N³`` is stored); the soft
-  variant evaluates the ``N³`` triplets in anchor blocks.
+  is over all valid triplets.
 * ``"semi_hard"`` (FaceNet, as TensorFlow Addons' ``triplet_semihard_loss``): for each (anchor,
   positive) pair, the nearest negative farther than the positive (``d(a, n) > d(a, p)``); when no
   negative is farther, the farthest negative (the least hard of the violating ones, which keeps
   early training from collapsing as FaceNet warns). The mean is over (anchor, positive) pairs
-  whose anchor has a negative. Dense: ``O(N²)`` memory.
+  whose anchor has a negative.
+
+Batch-all and semi-hard are block-wise: the known samples are sorted by label, so an anchor's
+positives are a contiguous run gathered by index (``P`` = the largest class size − 1), and anchor
+blocks of ``rows × K`` distances are visited one at a time. Every loss is, to first order,
+``Σ_(a, j) W_aj d(a, j)``: the hinge batch-all weights a positive pair by its number of active
+negatives and a negative by its number of active positives (``d_an < d_ap + margin``: per
+negative, the count of the anchor's sorted ``d_ap + margin`` at or below it, so nothing
+``K × P × K`` is formed), semi-hard weights the chosen pair by the hinge's slope. A custom
+backward recomputes each block's distances and weights. Memory ``O(K·D + rows·K)``, with
+``rows·K`` about 2²⁰ by default; nothing ``K × K`` is kept for backward. Time ``O(K²·(D + P))``
+for the hinge batch-all and semi-hard; the soft batch-all evaluates its ``K² P`` triplets in
+sub-blocks.
+
+``gather=True`` under ``torch.distributed`` (:mod:`fewsight.losses.distributed`): the LOCAL
+samples are the anchors, their positives and negatives come from the batch gathered from all
+ranks (gradients reach every rank). As for the circle loss, each rank returns ``world_size x`` its
+share of the full-batch loss (``"mean"`` divides by the counted terms of ALL ranks), so the rank
+mean of the values is the single-process loss on the concatenated batch and, after DDP's
+gradient averaging, the gradients are the single-process ones. ``reduction="none"`` returns the
+local anchors' terms, unscaled. Not distributed: ignored.
 
 ``reduction="sum"`` sums the counted terms (anchors, triplets or pairs as above); ``"none"``
 returns ``Tensor[N]``, each anchor's sum of its terms (0 for unknown or invalid anchors), so
@@ -42,6 +60,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from fewsight.errors import InvalidArgumentError, check_choice, check_real
+from fewsight.losses import distributed as _dist
 from fewsight.losses._common import check_embeddings_labels, check_reduction, reduce_loss, upcast
 from fewsight.losses._common import normalize as _normalize
 
@@ -84,8 +103,11 @@ def _dense_distance(x: Tensor, distance: str, eps: float) -> Tensor:
 
 
 @torch.no_grad()
-def _hardest_indices(x: Tensor, groups: Tensor, distance: str, block: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Per row, the column index of the farthest same-group and of the nearest other-group sample.
+def _hardest_indices(
+    x: Tensor, groups: Tensor, distance: str, block: int, eps: float, anchors: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per anchor row (all rows, or ``anchors: Long[A]``), the column index of the farthest
+    same-group and of the nearest other-group sample.
 
     Works in ``block × block`` tiles with a running max / min. For Euclidean distances the key is
     ``|x_c|² - 2 x_r·x_c``, which orders the columns of a row as the (squared) distance does; for
@@ -97,13 +119,18 @@ def _hardest_indices(x: Tensor, groups: Tensor, distance: str, block: int, eps: 
         col_bias = None
     else:
         col_bias = x.pow(2).sum(dim=1)
-    best_pos = x.new_full((k,), float("-inf"))
-    best_neg = x.new_full((k,), float("inf"))
-    pos_idx = torch.zeros(k, dtype=torch.long, device=x.device)
-    neg_idx = torch.zeros(k, dtype=torch.long, device=x.device)
-    for r0 in range(0, k, block):
-        r1 = min(r0 + block, k)
-        xr, gr = x[r0:r1], groups[r0:r1].unsqueeze(1)
+    a = k if anchors is None else anchors.shape[0]
+    best_pos = x.new_full((a,), float("-inf"))
+    best_neg = x.new_full((a,), float("inf"))
+    pos_idx = torch.zeros(a, dtype=torch.long, device=x.device)
+    neg_idx = torch.zeros(a, dtype=torch.long, device=x.device)
+    for r0 in range(0, a, block):
+        r1 = min(r0 + block, a)
+        if anchors is None:
+            xr, gr = x[r0:r1], groups[r0:r1].unsqueeze(1)
+        else:
+            rid = anchors[r0:r1]
+            xr, gr = x.index_select(0, rid), groups.index_select(0, rid).unsqueeze(1)
         for c0 in range(0, k, block):
             c1 = min(c0 + block, k)
             xc = x[c0:c1]
@@ -113,8 +140,10 @@ def _hardest_indices(x: Tensor, groups: Tensor, distance: str, block: int, eps: 
                 key = torch.addmm(col_bias[c0:c1].unsqueeze(0), xr, xc.t(), alpha=-2.0)
             same = gr == groups[c0:c1].unsqueeze(0)
             pos_key = torch.where(same, key, float("-inf"))
-            if r0 == c0:
-                pos_key.diagonal().fill_(float("-inf"))  # an anchor is not its own positive
+            if anchors is not None:  # an anchor is not its own positive
+                pos_key.masked_fill_(rid.unsqueeze(1) == torch.arange(c0, c1, device=x.device), float("-inf"))
+            elif r0 == c0:
+                pos_key.diagonal().fill_(float("-inf"))
             neg_key = key.masked_fill_(same, float("inf"))
             pv, pi = pos_key.max(dim=1)
             nv, ni = neg_key.min(dim=1)
@@ -138,15 +167,17 @@ def _violation(d_ap: Tensor, d_an: Tensor, margin: float, soft: bool) -> Tensor:
 
 def _batch_hard(
     x: Tensor, known_idx: Tensor, groups: Tensor, valid: Tensor, distance: str, margin: float,
-    soft: bool, block: int, eps: float,
+    soft: bool, block: int, eps: float, anchors: Tensor | None,
 ) -> Tensor:
-    pos_local, neg_local = _hardest_indices(x.detach()[known_idx], groups, distance, block, eps)
+    """Per anchor (every known sample, or ``anchors``: positions in ``known_idx``) its hardest triplet's term."""
+    pos_local, neg_local = _hardest_indices(x.detach()[known_idx], groups, distance, block, eps, anchors)
+    own = torch.arange(groups.shape[0], device=x.device) if anchors is None else anchors
     # Invalid anchors point at themselves: distance exactly 0 and no gradient through them.
-    pos_local = torch.where(valid, pos_local, torch.arange(groups.shape[0], device=x.device))
-    neg_local = torch.where(valid, neg_local, torch.arange(groups.shape[0], device=x.device))
-    anchors = x.index_select(0, known_idx)
-    d_ap = _row_distance(anchors, x.index_select(0, known_idx[pos_local]), distance, eps)
-    d_an = _row_distance(anchors, x.index_select(0, known_idx[neg_local]), distance, eps)
+    pos_local = torch.where(valid, pos_local, own)
+    neg_local = torch.where(valid, neg_local, own)
+    xa = x.index_select(0, known_idx[own])
+    d_ap = _row_distance(xa, x.index_select(0, known_idx[pos_local]), distance, eps)
+    d_an = _row_distance(xa, x.index_select(0, known_idx[neg_local]), distance, eps)
     return _violation(d_ap, d_an, margin, soft)
 
 
@@ -306,58 +337,58 @@ def _sort_by_group(x: Tensor, groups: Tensor, distance: str) -> tuple[Tensor, Te
 
 
 class _BlockTriplets(torch.autograd.Function):
-    """``(per-anchor sums Tensor[K], count)`` of batch-all / semi-hard over anchor blocks.
+    """``(per-anchor sums Tensor[A], count)`` of batch-all / semi-hard over anchor blocks.
 
-    Forward and backward visit ``rows × K`` distance blocks (rows sorted by label); the backward
-    pass recomputes each block's distances and pair weights ``W`` and applies
+    ``anchors: Long[A]`` are rows of ``x`` (all of them when not gathering); the columns are every
+    row of ``x``, sorted by label. Forward and backward visit ``rows × K`` distance blocks; the
+    backward pass recomputes each block's distances and pair weights ``W`` and applies
     ``H = g_a W_aj ∂d_aj/∂(sq or s)``: ``dX_a += 2(Σ_j H_aj x_a − H X)``, ``dX_j += 2(Σ_a H_aj x_j − Hᵀ X_a)``
     (Euclidean) or ``−H X``, ``−Hᵀ X_a`` (cosine on unit rows). Saved for backward: ``X`` only.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, groups: Tensor, p_max: int, mining: str, distance: str, margin: float, soft: bool, rows: int
+        ctx: Any, x: Tensor, groups: Tensor, anchors: Tensor, p_max: int, mining: str, distance: str, margin: float,
+        soft: bool, rows: int,
     ) -> tuple[Tensor, Tensor]:
         ctx.args = (p_max, mining, distance, margin, soft, rows)
-        ctx.save_for_backward(x, groups)
-        k = x.shape[0]
+        ctx.save_for_backward(x, groups, anchors)
         order, xs, sqn, gs, starts, sizes = _sort_by_group(x, groups, distance)
-        value = x.new_zeros(k)
+        apos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=x.device))[anchors]
+        value = x.new_zeros(anchors.shape[0])
         count = x.new_zeros(())
-        for r0 in range(0, k, rows):
-            r1 = min(r0 + rows, k)
-            g = gs[r0:r1]
-            d, _ = _block_distance(xs[r0:r1], xs, None if sqn is None else sqn[r0:r1], sqn, distance)
-            idx = torch.arange(r0, r1, device=x.device)
+        for r0 in range(0, apos.shape[0], rows):
+            idx = apos[r0 : r0 + rows]  # the anchors' columns in sorted order
+            g = gs[idx]
+            d, _ = _block_distance(xs[idx], xs, None if sqn is None else sqn[idx], sqn, distance)
             v, c, _ = _block_terms(d, idx, starts[g], sizes[g], p_max, mining, margin, soft, need_weights=False)
-            value[r0:r1] = v
+            value[r0 : r0 + rows] = v
             count += c
         ctx.mark_non_differentiable(count)
-        return torch.empty_like(value).index_copy_(0, order, value), count
+        return value, count
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor | None, _grad_count: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, groups = ctx.saved_tensors
+        x, groups, anchors = ctx.saved_tensors
         p_max, mining, distance, margin, soft, rows = ctx.args
-        nones = (None,) * 7
+        nones = (None,) * 8
         if grad is None:
             return (torch.zeros_like(x),) + nones
-        k = x.shape[0]
         order, xs, sqn, gs, starts, sizes = _sort_by_group(x, groups, distance)
-        grad = grad.index_select(0, order)
+        apos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=x.device))[anchors]
         dxs = torch.zeros_like(xs)
-        for r0 in range(0, k, rows):
-            r1 = min(r0 + rows, k)
-            g, xr = gs[r0:r1], xs[r0:r1]
-            d, aux = _block_distance(xr, xs, None if sqn is None else sqn[r0:r1], sqn, distance)
+        for r0 in range(0, apos.shape[0], rows):
+            idx = apos[r0 : r0 + rows]
+            g, xr = gs[idx], xs[idx]
+            d, aux = _block_distance(xr, xs, None if sqn is None else sqn[idx], sqn, distance)
             if distance == "euclidean":  # d sqrt(sq) / d sq = 1 / (2 d), 0 where sq <= 0
                 inv = torch.where(aux > 0, d.reciprocal(), torch.zeros_like(d)).mul_(0.5)
-            idx = torch.arange(r0, r1, device=x.device)
             _, _, w = _block_terms(d, idx, starts[g], sizes[g], p_max, mining, margin, soft, need_weights=True)
-            h = w.mul_(grad[r0:r1].unsqueeze(1))
+            h = w.mul_(grad[r0 : r0 + rows].unsqueeze(1))
             if distance == "cosine":
                 h.neg_()  # d = 1 - s
+                d_rows = h @ xs
             else:
                 if distance == "euclidean":
                     h.mul_(inv)
@@ -365,10 +396,11 @@ class _BlockTriplets(torch.autograd.Function):
                     h.masked_fill_(aux <= 0, 0.0)
                 h.mul_(2.0)
                 # sq_aj = |x_a|² + |x_j|² - 2 x_a·x_j
-                dxs[r0:r1].addcmul_(h.sum(dim=1, keepdim=True), xr)
+                d_rows = h.sum(dim=1, keepdim=True) * xr
                 dxs.addcmul_(h.sum(dim=0).unsqueeze(1), xs)
                 h.neg_()
-            dxs[r0:r1].addmm_(h, xs)
+                d_rows.addmm_(h, xs)
+            dxs.index_add_(0, idx, d_rows)
             dxs.addmm_(h.t(), xr)
         return (torch.empty_like(dxs).index_copy_(0, order, dxs),) + nones
 
@@ -385,6 +417,7 @@ def triplet_loss(
     block_size: int | None = None,
     *,
     eps: float = 1e-8,
+    gather: bool = False,
 ) -> Tensor:
     """Triplet loss ``max(d(a, p) - d(a, n) + margin, 0)`` with in-batch mining (Schroff et al. 2015, eq. 1).
 
@@ -399,8 +432,11 @@ def triplet_loss(
         normalize: L2-normalise the embeddings first.
         soft: soft-margin ``softplus(d_ap - d_an)`` instead of the hinge.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``Tensor[N]``, per-anchor sums).
-        block_size: batch-hard tile side (memory ``O(block_size²)``); ``None`` means 1024.
+        block_size: batch-hard tile side (memory ``O(block_size²)``; ``None``: 1024); batch-all and
+            semi-hard anchor rows per block (memory ``O(block_size·N)``; ``None``: about 2²⁰ / N).
+            Every value gives the same result.
         eps: lower bound of norms when normalising.
+        gather: under DDP, mine over the batch gathered from all ranks (see the module docstring).
 
     Returns:
         The loss (float32 for fp16/bf16 inputs). With no valid anchor, 0 with a gradient graph.
@@ -425,31 +461,44 @@ def triplet_loss(
         x = _normalize(x, eps)
     n = x.shape[0]
 
-    known_idx = (labels >= 0).nonzero().squeeze(1)
-    _, groups, group_count = torch.unique(labels.index_select(0, known_idx), return_inverse=True, return_counts=True)
+    world = _dist.world_size() if gather else 1
+    offset, x_all, y_all, anchors = 0, x, labels, None
+    if world > 1:
+        x_all, y_all, offset, world = _dist.gather_embeddings_and_labels(x, labels)
+    known_idx = (y_all >= 0).nonzero().squeeze(1)
+    _, groups, group_count = torch.unique(y_all.index_select(0, known_idx), return_inverse=True, return_counts=True)
     k = known_idx.shape[0]
     own = group_count[groups]
     valid = (own > 1) & (own < k)  # at least one positive and one negative
+    if world > 1:  # this rank's samples are the anchors; positives and negatives come from every rank
+        anchors = ((known_idx >= offset) & (known_idx < offset + n)).nonzero().squeeze(1)
+        valid = valid.index_select(0, anchors)
 
     if mining == "batch_hard":
         block = block_size if block_size is not None else _AUTO_BLOCK
-        per_known = _batch_hard(x, known_idx, groups, valid, distance, margin, soft, block, eps)
+        per_known = _batch_hard(x_all, known_idx, groups, valid, distance, margin, soft, block, eps, anchors)
         per_known = torch.where(valid, per_known, torch.zeros_like(per_known))
-        normalizer = valid.sum().clamp(min=1).to(per_known.dtype)
+        count = valid.sum().to(per_known.dtype)
     else:
-        xk = x.index_select(0, known_idx)
+        xk = x_all.index_select(0, known_idx)
         if distance == "cosine":
             xk = _normalize(xk, eps)
         p_max = int(group_count.max()) - 1 if k else 0  # most positives of an anchor
         rows = block_size if block_size is not None else max(1, _ROW_ELEMENTS // max(k, 1))
-        per_known, count = _BlockTriplets.apply(xk, groups, p_max, mining, distance, margin, soft, rows)
-        normalizer = count.clamp(min=1)
+        a_idx = torch.arange(k, device=known_idx.device) if anchors is None else anchors
+        per_known, count = _BlockTriplets.apply(xk, groups, a_idx, p_max, mining, distance, margin, soft, rows)
 
     # Anchors back in input order; unknown ones are 0 (scatter into zeros keeps the graph).
-    per_anchor = x.new_zeros(n).index_add(0, known_idx, per_known) + x.reshape(-1)[:0].sum()
+    rows_local = known_idx if anchors is None else known_idx.index_select(0, anchors) - offset
+    per_anchor = x.new_zeros(n).index_add(0, rows_local, per_known) + x.reshape(-1)[:0].sum()
     if reduction == "none":
         return per_anchor
-    return reduce_loss(per_anchor, reduction, normalizer=normalizer if reduction == "mean" else None)
+    if world == 1:
+        return reduce_loss(per_anchor, reduction, normalizer=count.clamp(min=1) if reduction == "mean" else None)
+    total = per_anchor.sum() * world
+    if reduction == "sum":
+        return total
+    return total / _dist.all_reduce_sum(count).clamp(min=1)
 
 
 class TripletLoss(nn.Module):
@@ -472,6 +521,7 @@ class TripletLoss(nn.Module):
         block_size: int | None = None,
         *,
         eps: float = 1e-8,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         check_choice("mining", mining, TRIPLET_MININGS)
@@ -488,6 +538,7 @@ class TripletLoss(nn.Module):
         self.reduction = check_reduction(reduction)
         self.block_size = block_size
         self.eps = eps
+        self.gather = bool(gather)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return triplet_loss(
@@ -501,6 +552,7 @@ class TripletLoss(nn.Module):
             self.reduction,
             self.block_size,
             eps=self.eps,
+            gather=self.gather,
         )
 
     def extra_repr(self) -> str:
