@@ -61,7 +61,7 @@ from torch.autograd.function import once_differentiable
 
 from fewsight.errors import InvalidArgumentError, check_choice, check_real
 from fewsight.losses import distributed as _dist
-from fewsight.losses._common import check_embeddings_labels, check_reduction, reduce_loss, upcast
+from fewsight.losses._common import check_embeddings_labels, check_reduction, check_squared_distances, reduce_loss, upcast
 from fewsight.losses._common import normalize as _normalize
 
 __all__ = ["TRIPLET_MININGS", "TRIPLET_DISTANCES", "triplet_loss", "TripletLoss"]
@@ -441,6 +441,11 @@ def triplet_loss(
     Returns:
         The loss (float32 for fp16/bf16 inputs). With no valid anchor, 0 with a gradient graph.
 
+    Raises:
+        NonFiniteError: NaN/inf in ``embeddings``, or (Euclidean distances, without ``normalize``)
+            ``4 max |x|²``, the bound of the squared distances, overflows the compute dtype, or
+            (``"squared_euclidean"``) exceeds what a half-precision gradient can hold.
+
     Example:
         >>> e = torch.tensor([[0., 0.], [0., 1.], [3., 0.], [3., 2.]])
         >>> triplet_loss(e, torch.tensor([0, 0, 1, 1]), margin=1.0)  # every anchor: max(d_ap - d_an + 1, 0)
@@ -468,6 +473,11 @@ def triplet_loss(
     known_idx = (y_all >= 0).nonzero().squeeze(1)
     _, groups, group_count = torch.unique(y_all.index_select(0, known_idx), return_inverse=True, return_counts=True)
     k = known_idx.shape[0]
+    if distance != "cosine" and k:
+        # Euclidean: every squared distance is at most 4 max |x|²; refuse batches where that bound (or
+        # |x|² in the Gram form |a|² + |b|² - 2 a·b) overflows, instead of returning inf / NaN.
+        bound = x_all.detach().index_select(0, known_idx).pow(2).sum(dim=1).max().mul(4).reshape(1)
+        check_squared_distances("embeddings", bound, embeddings, squared=distance == "squared_euclidean")
     own = group_count[groups]
     valid = (own > 1) & (own < k)  # at least one positive and one negative
     if world > 1:  # this rank's samples are the anchors; positives and negatives come from every rank

@@ -239,6 +239,31 @@ def test_no_n_by_n_tensor_saved_or_built(mining, monkeypatch):
         assert blocks and all(r <= 16 for r, _ in blocks)
 
 
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_gradcheck_blockwise(mining, soft):
+    x, labels = random_batch(n=10, d=3, classes=3, seed=15)
+    x.requires_grad_(True)
+    for distance in DISTANCES:
+        assert torch.autograd.gradcheck(
+            lambda t: triplet_loss(t, labels, margin=0.3, mining=mining, distance=distance, soft=soft, block_size=3), (x,)
+        )
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("mining", MININGS)
+def test_overflowing_euclidean_distances_are_refused(distance, mining):
+    from fewsight.errors import NonFiniteError
+
+    x = torch.tensor([[3e38, 0.0], [-3e38, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(NonFiniteError, match="embeddings"):
+        triplet_loss(x, labels, mining=mining, distance=distance)
+    loss = triplet_loss(x.requires_grad_(True), labels, mining=mining, distance=distance, normalize=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
 def test_unknown_labels_are_ignored_everywhere():
     x, labels = random_batch(n=16, unknown=False, seed=6)
     labels[[2, 5, 11]] = -1
@@ -380,6 +405,21 @@ def test_pml_batch_all(distance):
     ours = triplet_loss(x, labels, margin, "batch_all", distance)
     theirs = losses.TripletMarginLoss(margin=margin, distance=d)(x, labels)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", [None, 7])
+def test_pml_batch_all_blocks_and_gradients(block):
+    """Several anchor blocks, PML's default (normalised) distance, values and gradients."""
+    from pytorch_metric_learning import losses
+
+    x, labels = random_batch(n=150, d=8, classes=6, unknown=False, seed=16, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = triplet_loss(x1, labels, 0.2, "batch_all", normalize=True, block_size=block)
+    theirs = losses.TripletMarginLoss(margin=0.2)(x2, labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
