@@ -33,9 +33,9 @@ negatives and a negative by its number of active positives (``d_an < d_ap + marg
 negative, the count of the anchor's sorted ``d_ap + margin`` at or below it, so nothing
 ``K × P × K`` is formed), semi-hard weights the chosen pair by the hinge's slope. A custom
 backward recomputes each block's distances and weights. Memory ``O(K·D + rows·K)``, with
-``rows·K`` about 2²⁰ by default; nothing ``K × K`` is kept for backward. Time ``O(K²·(D + P))``
-for the hinge batch-all and semi-hard; the soft batch-all evaluates its ``K² P`` triplets in
-sub-blocks.
+``rows·K`` about 2²⁰ by default; nothing ``K × K`` is kept for backward. Time: the ``K² D`` of the
+distance GEMMs plus ``K² P`` comparisons (``K² log P`` by binary search when ``P > 16``) for the
+hinge batch-all and semi-hard; the soft batch-all evaluates its ``K² P`` triplets in sub-blocks.
 
 ``gather=True`` under ``torch.distributed`` (:mod:`fewsight.losses.distributed`): the LOCAL
 samples are the anchors, their positives and negatives come from the batch gathered from all
@@ -93,7 +93,7 @@ def _row_distance(a: Tensor, b: Tensor, distance: str, eps: float) -> Tensor:
 
 
 def _dense_distance(x: Tensor, distance: str, eps: float) -> Tensor:
-    """All-pairs distance ``Tensor[K, D] -> Tensor[K, K]`` with autograd (one matmul)."""
+    """All-pairs distance ``Tensor[K, D] -> Tensor[K, K]`` with autograd (one matmul): the dense reference form."""
     if distance == "cosine":
         xn = _normalize(x, eps)
         return 1.0 - xn @ xn.t()
