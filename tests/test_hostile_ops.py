@@ -464,7 +464,6 @@ def test_property_circle_triplet(data):
         _check_loss(lambda x: LF.triplet_loss(x, y, mining=mining, normalize=True), e)
 
 
-@pytest.mark.xfail(reason="triplet_loss's Euclidean distances do not yet call _common.check_squared_distances", strict=False)
 @HSET
 @given(data=st.data())
 def test_property_triplet_euclidean(data):
