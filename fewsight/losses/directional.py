@@ -109,6 +109,22 @@ def rival_log_gate(cos: Tensor, rivalry: Tensor) -> Tensor:
     return torch.where(gated & has_rival, F.logsigmoid(r * margin), torch.zeros_like(cos))
 
 
+def _check_directional_args(embeddings: Tensor, directions: Tensor, scale: Tensor, bias: Tensor) -> None:
+    """Dtypes, shapes (``Tensor[..., D]``, ``Tensor[C, D]``, ``Tensor[C]`` x 2) and finiteness of the inputs."""
+    check_floating("embeddings", embeddings)
+    check_ndim("directions", directions, 2, "Tensor[C, D]")
+    if embeddings.ndim < 1 or embeddings.shape[-1] != directions.shape[1]:
+        raise ShapeError(
+            f"embeddings: expected Tensor[..., {directions.shape[1]}] matching directions' D, got shape {tuple(embeddings.shape)}"
+        )
+    num_classes = directions.shape[0]
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t.shape != (num_classes,):
+            raise ShapeError(f"{name}: expected Tensor[{num_classes}] (one per class), got shape {tuple(t.shape)}")
+    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
+        check_finite(name, t)
+
+
 def directional_log_probs(
     embeddings: Tensor,
     directions: Tensor,
@@ -144,18 +160,7 @@ def directional_log_probs(
         >>> lp.exp().squeeze(1), (lp.exp() + l1mp.exp()).squeeze(1)
         (tensor([1.0000e+00, 3.0197e-02, 2.8367e-05]), tensor([1.0000, 1.0000, 1.0000]))
     """
-    check_floating("embeddings", embeddings)
-    check_ndim("directions", directions, 2, "Tensor[C, D]")
-    if embeddings.ndim < 1 or embeddings.shape[-1] != directions.shape[1]:
-        raise ShapeError(
-            f"embeddings: expected Tensor[..., {directions.shape[1]}] matching directions' D, got shape {tuple(embeddings.shape)}"
-        )
-    num_classes = directions.shape[0]
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t.shape != (num_classes,):
-            raise ShapeError(f"{name}: expected Tensor[{num_classes}] (one per class), got shape {tuple(t.shape)}")
-    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
-        check_finite(name, t)
+    _check_directional_args(embeddings, directions, scale, bias)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
         e = normalize(embeddings.to(work), eps)
@@ -189,14 +194,7 @@ def directional_probabilities(
     >>> directional_probabilities(torch.tensor([[1., 0.]]), torch.eye(2), torch.full((2,), 7.), torch.full((2,), -.5))
     tensor([[1.0000, 0.0302]])
     """
-    check_floating("embeddings", embeddings)
-    check_ndim("directions", directions, 2, "Tensor[C, D]")
-    if embeddings.ndim < 1 or embeddings.shape[-1] != directions.shape[1]:
-        raise ShapeError(
-            f"embeddings: expected Tensor[..., {directions.shape[1]}] matching directions' D, got shape {tuple(embeddings.shape)}"
-        )
-    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
-        check_finite(name, t)
+    _check_directional_args(embeddings, directions, scale, bias)
     work = torch.float64 if torch.float64 in (embeddings.dtype, directions.dtype) else torch.float32
     with torch.autocast(embeddings.device.type, enabled=False):
         e = normalize(embeddings.to(work), eps)
@@ -405,20 +403,10 @@ def directional_focal_loss(
     """
     alpha = check_focal_options(alpha, gamma)
     check_choice("reduction", reduction, ("mean", "sum"))
-    check_floating("embeddings", embeddings)
-    check_ndim("directions", directions, 2, "Tensor[C, D]")
-    if embeddings.ndim < 1 or embeddings.shape[-1] != directions.shape[1]:
-        raise ShapeError(
-            f"embeddings: expected Tensor[..., {directions.shape[1]}] matching directions' D, got shape {tuple(embeddings.shape)}"
-        )
+    _check_directional_args(embeddings, directions, scale, bias)
     if labels.shape != embeddings.shape[:-1]:
         raise ShapeError(f"labels: expected shape {tuple(embeddings.shape[:-1])} (embeddings without D), got {tuple(labels.shape)}")
     num_classes = directions.shape[0]
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t.shape != (num_classes,):
-            raise ShapeError(f"{name}: expected Tensor[{num_classes}] (one per class), got shape {tuple(t.shape)}")
-    for name, t in (("embeddings", embeddings), ("directions", directions), ("scale", scale), ("bias", bias)):
-        check_finite(name, t)
     check_labels("labels", labels, num_classes)
     labels = labels.to(device=embeddings.device, dtype=torch.long).reshape(-1)
     if num_classes == 0 or labels.numel() == 0:
