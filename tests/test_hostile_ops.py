@@ -20,7 +20,8 @@ from fewsight.geometry import BoxCoder, box_area, box_convert, box_ioa, box_iou,
 
 BAD = [math.nan, math.inf, -math.inf]
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-HSET = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI sees the same examples every run (exploration with other seeds is a local job).
+HSET = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _boxes(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -426,8 +427,8 @@ def _check_loss(fn, e):
     loss = loss["loss"] if isinstance(loss, dict) else loss
     assert bool(torch.isfinite(loss).all()), loss
     loss.sum().backward()
-    if x.grad is not None:
-        assert bool(torch.isfinite(x.grad.float()).all())
+    if x.grad is not None:  # finite in its own dtype (a float64 gradient need not fit float32)
+        assert bool(torch.isfinite(x.grad).all())
 
 
 @HSET

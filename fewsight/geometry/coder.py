@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fewsight.errors import InvalidArgumentError, as_floating, as_tensor, check_finite, check_last_dim, check_real
+from fewsight.errors import InvalidArgumentError, NonFiniteError, as_floating, as_tensor, check_finite, check_last_dim, check_real
 
 __all__ = ["BoxCoder", "DEFAULT_SCALE_CLAMP"]
 
@@ -70,7 +70,9 @@ class BoxCoder:
         """``Tensor[..., 4]`` boxes and broadcastable ``Tensor[..., 4]`` anchors -> ``Tensor[..., 4]`` deltas.
 
         Boxes of zero width or height would give ``-inf``; their size is floored at a tiny epsilon so
-        the result stays finite (callers should sanitise boxes; see :func:`sanitize_boxes`).
+        the result stays finite (callers should sanitise boxes; see :func:`sanitize_boxes`). Finite
+        boxes so far from or so much larger than their anchors that the deltas do not fit the output
+        dtype raise :class:`~fewsight.errors.NonFiniteError` naming ``boxes``.
         """
         boxes, anchors = _coder_arg("boxes", boxes), _coder_arg("anchors", anchors)
         out_dtype = torch.promote_types(boxes.dtype, anchors.dtype)
@@ -88,8 +90,13 @@ class BoxCoder:
                 wh * torch.log(h.clamp(min=eps) / ah),
             ),
             dim=-1,
-        )
-        return deltas.to(out_dtype)
+        ).to(out_dtype)
+        if deltas.numel() and not bool(torch.isfinite(deltas).all()):
+            raise NonFiniteError(
+                f"boxes: expected deltas that fit {out_dtype} relative to their anchors, got an overflow; the boxes "
+                "are far larger than, or far from, their anchors"
+            )
+        return deltas
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """``Tensor[..., 4]`` deltas and broadcastable anchors -> ``Tensor[..., 4]`` xyxy boxes."""

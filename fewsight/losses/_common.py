@@ -179,7 +179,8 @@ def check_squared_distances(
     computed from ``inputs`` (the tensors the loss differentiates). Refused: a squared distance
     that is not finite in its dtype (NaN included, e.g. ``inf - inf`` in a Gram-matrix form) and,
     when ``squared`` (the loss uses the squared distance, whose gradient is ``2 (x - y)``), one above
-    ``(max / 2)**2`` of a half-precision input's dtype, whose gradient would not fit that dtype.
+    ``(max / 2)**2`` of an input's dtype (half precision, or float32 next to float64 centres), whose
+    gradient would not fit that dtype.
     One reduction and one device sync.
     """
     if sq.numel() == 0:
@@ -190,10 +191,11 @@ def check_squared_distances(
     limit, why = torch.finfo(v.dtype).max, f"finite in {v.dtype}"
     if squared:
         for t in inputs:
-            if isinstance(t, Tensor) and t.is_floating_point() and compute_dtype(t.dtype) != t.dtype:
-                half_limit = (torch.finfo(t.dtype).max / 2) ** 2
-                if half_limit < limit:
-                    limit, why = half_limit, f"at most {half_limit:.4g}, so that their gradient fits {t.dtype}"
+            if isinstance(t, Tensor) and t.is_floating_point():
+                half = torch.finfo(t.dtype).max / 2
+                grad_limit = half * half  # a Python float: inf where the square exceeds float64
+                if grad_limit < limit:
+                    limit, why = grad_limit, f"at most {grad_limit:.4g}, so that their gradient fits {t.dtype}"
     worst = float(v.max())
     if not worst <= limit:  # NaN included
         raise NonFiniteError(

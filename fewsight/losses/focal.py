@@ -91,7 +91,8 @@ def _soft_grad(x: Tensor, t: Tensor, alpha: float | None, gamma: float) -> Tenso
         mod = q * q if gamma == 2.0 else q.pow(gamma)
         ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
         ratio = torch.where(q > 0, p * p_neg / q.clamp(min=torch.finfo(q.dtype).tiny), q.new_zeros(()))
-        grad = mod * (grad + gamma * ce * ratio * (1.0 - 2.0 * t))
+        # ce * ratio first: ce is ~|x| and ratio ~exp(-|x|), so their product never overflows.
+        grad = mod * (grad + (ce * ratio) * gamma * (1.0 - 2.0 * t))
     return grad * _alpha_t(t, alpha)
 
 
