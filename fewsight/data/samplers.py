@@ -139,10 +139,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return [(np.concatenate([items(int(c)) for c in g]) + offset).tolist() for g in groups]
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the epoch is read at the first batch, not when the loader makes its iterator
+        # (Lightning makes a run's first iterator before the epoch-start hooks set the epoch).
         batches = self._epoch_batches()
         n = len(self)
         padded = (batches * (n * self.world_size // len(batches) + 1))[: n * self.world_size]
-        return iter(padded[self.rank :: self.world_size])
+        yield from padded[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         return -(-self.total_batches // self.world_size)

@@ -94,6 +94,27 @@ class EpochSeed(Callback):
         np.random.seed(s % (2**32))
 
 
+class BatchSamplerEpoch(Callback):
+    """Give every training batch sampler with a ``set_epoch`` the epoch at each epoch start.
+
+    Lightning sets the epoch of a loader's ``sampler`` and of ``batch_sampler.sampler`` only; a batch
+    sampler that draws its own batches (:class:`~fewsight.data.samplers.ClassBalancedBatchSampler`)
+    would otherwise repeat epoch 0's batches, and their augmentations, every epoch. Runs before the
+    epoch's loader iterator is made, and again after a resume.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loaders = trainer.train_dataloader
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, (list, tuple)):
+            loaders = [loaders]
+        for loader in loaders:
+            batch_sampler = getattr(loader, "batch_sampler", None)
+            if callable(getattr(batch_sampler, "set_epoch", None)):
+                batch_sampler.set_epoch(trainer.current_epoch)
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` produced (paths are ``None`` when not written, e.g. on DDP ranks > 0)."""
@@ -150,7 +171,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, *, has_val: bool, callbacks: Se
         # epoch-end hooks, so a resumed run restarts exactly at the next epoch.
         save_on_train_epoch_end=True,
     )
-    cbs: list[Callback] = [every, EpochSeed(cfg.seed)]
+    cbs: list[Callback] = [every, EpochSeed(cfg.seed), BatchSamplerEpoch()]
     if has_val:
         cbs.append(
             ModelCheckpoint(

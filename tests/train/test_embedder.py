@@ -152,3 +152,32 @@ def test_csls_figures_match_a_naive_ranking():
     assert out["csls"]["map@r"] == pytest.approx(out["csls"]["recall@1"])  # R = 1: AP counts rank 1 only
     with pytest.raises(Exception, match="csls_reference"):
         retrieval_metrics(q, ql, ks=(1,), csls_reference=ref)
+
+
+def test_every_epoch_trains_on_that_epochs_batches_and_augmentations(tmp_path, emoji_root):
+    # Lightning sets the epoch of a loader's sampler only, not of a batch sampler: without
+    # BatchSamplerEpoch every epoch would repeat epoch 0's batches and augmented images.
+    from lightning.pytorch.callbacks import Callback
+
+    from fewsight.data.samplers import ClassBalancedBatchSampler
+
+    seen: list[tuple[int, list[int], float]] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            images, labels, _ = batch
+            seen.append((trainer.current_epoch, labels.tolist(), float(images.sum())))
+
+    cfg = emoji_config(tmp_path / "run", emoji_root, epochs=3, whitening={"enabled": False})
+    train(cfg, callbacks=[Record()])
+    epochs = {e: [(y, s) for ep, y, s in seen if ep == e] for e in range(3)}
+    assert all(epochs[e] for e in range(3))
+    assert epochs[0] != epochs[1] != epochs[2]
+    from fewsight.train.embedder_config import embedder_config_from_dict
+    from fewsight.train.embedder_data import build_embedder_data
+
+    data = build_embedder_data(embedder_config_from_dict(cfg).data, seed=0)
+    sampler = ClassBalancedBatchSampler(data.train.labels, 2, 2, domains=data.train.item_styles, seed=0)
+    for e in range(3):
+        sampler.set_epoch(e)
+        assert [y for y, _ in epochs[e]] == [[int(data.train.labels[i]) for i in b] for b in sampler]
