@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fewsight.cli.common import check_float, image_files, load_dldenet, output_dir, output_file
+from fewsight.cli.common import check_float, flag_errors, image_files, load_dldenet, output_dir, output_file
 
 NAME = "search"
 
@@ -23,7 +23,10 @@ def add_parser(sub: Any) -> None:
     ssub = se.add_subparsers(dest="search", required=True, metavar="ACTION")
     si = ssub.add_parser("index", help="build a gallery from the objects detected in images",
                          description="Detect objects in images and write OUT/gallery.pt (faiss index + labels, "
-                         "image ids, boxes) and OUT/images.json (the image paths).")
+                         "image ids, boxes) and OUT/images.json (the image paths). Images stream through in batches; "
+                         "the objects are written to OUT/chunks/ as they are done, so a killed run started again "
+                         "with the same inputs resumes where it stopped (--restart discards them); OUT/chunks/ is "
+                         "removed once the gallery is written.")
     si.add_argument("--checkpoint", required=True, help="a DLDENet model.pt (or .ckpt)")
     si.add_argument("images", nargs="+", help="image files or folders")
     si.add_argument("--out", default="runs/gallery", help="output folder (default: runs/gallery)")
@@ -31,6 +34,16 @@ def add_parser(sub: Any) -> None:
     si.add_argument("--batch-size", type=int, default=8)
     si.add_argument("--embedder", help="embed the detected objects' crops with this crop embedder file (its whitening "
                     "applied) instead of the detector's embedding")
+    si.add_argument("--chunk-images", type=int, metavar="N",
+                    help="write the objects of every N images to OUT/chunks/ as they are done (a multiple of "
+                    "--batch-size; default: the multiple nearest 256); a killed run started again with the same "
+                    "inputs resumes from them")
+    si.add_argument("--restart", action="store_true",
+                    help="discard the chunks of an interrupted run in OUT/chunks/ instead of resuming")
+    si.add_argument("--workers", type=int, default=0, metavar="N", help="processes decoding images (default 0: none)")
+    si.add_argument("--skip-corrupt", action="store_true",
+                    help="leave out unreadable images (listed, and in OUT/images.json) instead of stopping")
+    si.add_argument("--quiet", action="store_true", help="no progress bar")
     sq = ssub.add_parser("query", help="find the gallery objects most like an example",
                          description="Embed an example object (a crop, or --box of an image) and print the k most "
                          "similar gallery objects (cosine); with --out, also OUT/results.json and OUT/results.png.")
@@ -70,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         output_dir(images_file.parent, inputs)
         output_file(gallery_file, inputs)
         output_file(images_file, inputs)
+        # Clearing the chunks folder deletes *.pt files there: never the checkpoint's or embedder's folder.
+        model_folders = [Path(p).parent for p in (args.checkpoint, args.embedder) if p is not None]
+        output_dir(_chunk_dir(args.out), [*inputs, *model_folders])
     else:
         if args.k < 1:
             from fewsight.errors import InvalidArgumentError
@@ -87,19 +103,49 @@ def run(args: argparse.Namespace) -> int:
     return _query(args, model, _embedder(args.embedder))
 
 
+def _chunk_dir(out: str) -> Path:
+    return _gallery_paths(out)[1].parent / "chunks"
+
+
+def _gallery_factory(args: argparse.Namespace) -> Any:
+    """``(dim, class_names) -> Gallery``: the one place ``search index`` makes its gallery (a backend
+    option would be applied here)."""
+    from fewsight.retrieval import Gallery
+
+    def make(dim: int, class_names: list[str]) -> Any:
+        return Gallery(dim, class_names=class_names)
+
+    return make
+
+
 def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     from fewsight.data import load_image
+    from fewsight.errors import DataError
     from fewsight.eval import write_json
-    from fewsight.retrieval import index_images
+    from fewsight.retrieval.indexing import clear_chunks, index_files
 
     files = image_files(args.images)
-    images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
-    gallery = index_images(model, images, score_threshold=args.score_threshold, batch_size=args.batch_size,
-                           embedder=embedder)
     gallery_file, images_file = _gallery_paths(args.out)
+    chunk_dir = _chunk_dir(args.out)
+    try:
+        with flag_errors("--batch-size", "batch_size"), flag_errors("--chunk-images", "chunk_images"), \
+                flag_errors("--workers", "num_workers"):
+            run = index_files(model, files, chunk_dir, load_image=load_image, batch_size=args.batch_size,
+                              score_threshold=args.score_threshold, embedder=embedder, chunk_images=args.chunk_images,
+                              num_workers=args.workers, on_error="skip" if args.skip_corrupt else "raise",
+                              restart=args.restart, progress=not args.quiet, log=print,
+                              gallery_factory=_gallery_factory(args))
+    except DataError as exc:
+        if exc.path.parent == chunk_dir:  # the chunks of other inputs: the library names restart=True
+            raise DataError(exc.path, exc.reason.replace("pass restart=True", "pass --restart")) from None
+        raise
+    gallery = run.gallery
     gallery.save(gallery_file)
-    write_json({"images": [str(f) for f in files], "embedder": args.embedder}, images_file)
-    print(f"indexed {len(gallery)} object(s) from {len(files)} image(s); wrote {gallery_file}")
+    skipped = [str(f) for f, _ in run.skipped]
+    write_json({"images": [str(f) for f in files], "embedder": args.embedder, "skipped": skipped}, images_file)
+    clear_chunks(chunk_dir)  # the gallery holds them now; a rerun starts afresh
+    print(f"indexed {len(gallery)} object(s) from {len(files) - len(skipped)} image(s); wrote {gallery_file}"
+          + (f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""))
     return 0
 
 

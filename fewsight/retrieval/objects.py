@@ -28,7 +28,7 @@ from torchvision.ops import batched_nms
 from fewsight.errors import InvalidArgumentError, ShapeError
 from fewsight.retrieval.gallery import Gallery
 
-__all__ = ["embed_crop", "embed_objects", "index_images", "known_scores"]
+__all__ = ["detect_objects", "embed_crop", "embed_objects", "index_images", "known_scores"]
 
 
 def _check_model(model: nn.Module) -> None:
@@ -83,27 +83,51 @@ def index_images(
     try:
         for start in range(0, len(images), batch_size):
             batch = [im.to(device) for im in images[start : start + batch_size]]
-            detections = model(batch)
-            # One item per object: the detector keeps one box per class, so an object may carry several.
-            boxes = torch.cat([d["boxes"] for d in detections])
-            scores = torch.cat([d["scores"] for d in detections])
-            labels = torch.cat([d["labels"] for d in detections])
-            owner = torch.cat([torch.full((len(d["boxes"]),), j, dtype=torch.long) for j, d in enumerate(detections)])
-            owner = owner.to(boxes.device)
-            keep = (scores >= score_threshold).nonzero().flatten()
-            keep = keep[batched_nms(boxes[keep], scores[keep], owner[keep], nms_threshold)]
-            keep = keep[torch.argsort(owner[keep] * len(scores) + keep, stable=True)]  # image order, then rank
-            per_image = list(boxes[keep].split(torch.bincount(owner[keep], minlength=len(batch)).tolist()))
-            if embedder is None:
-                emb = torch.cat(model.embed_boxes(batch, per_image))
-            else:
-                emb = embedder(batch, per_image)
+            emb, labels, owner, boxes = detect_objects(model, batch, score_threshold=score_threshold,
+                                                       nms_threshold=nms_threshold, embedder=embedder)
             if len(emb):
-                first = torch.tensor(ids[start : start + len(batch)], device=boxes.device)
-                gallery.add(emb, labels=labels[keep], image_ids=first[owner[keep]], boxes=boxes[keep])
+                first = torch.tensor(ids[start : start + len(batch)], device=owner.device)
+                gallery.add(emb, labels=labels, image_ids=first[owner], boxes=boxes)
     finally:
         model.train(was_training)
     return gallery
+
+
+@torch.no_grad()
+def detect_objects(
+    model: nn.Module,
+    images: Sequence[Tensor],
+    *,
+    score_threshold: float = 0.3,
+    nms_threshold: float = 0.5,
+    embedder: nn.Module | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The objects ``model`` (in eval mode, on the images' device) finds in one batch of ``images``.
+
+    Returns ``(embeddings Tensor[N, D], labels Long[N], owner Long[N], boxes Tensor[N, 4])``, ``owner``
+    being the index of each object's image in ``images``; objects in image order, then by score.
+    Detections below ``score_threshold`` are dropped, then class-agnostic NMS (``nms_threshold``)
+    keeps one item per object (see :func:`index_images`). The batch is one forward pass, so an
+    object's values depend on which images share its batch (padding): callers that must reproduce
+    a result batch the same way.
+    """
+    detections = model(list(images))
+    # One item per object: the detector keeps one box per class, so an object may carry several.
+    boxes = torch.cat([d["boxes"] for d in detections])
+    scores = torch.cat([d["scores"] for d in detections])
+    labels = torch.cat([d["labels"] for d in detections])
+    owner = torch.cat([torch.full((len(d["boxes"]),), j, dtype=torch.long) for j, d in enumerate(detections)])
+    owner = owner.to(boxes.device)
+    keep = (scores >= score_threshold).nonzero().flatten()
+    keep = keep[batched_nms(boxes[keep], scores[keep], owner[keep], nms_threshold)]
+    keep = keep[torch.argsort(owner[keep] * len(scores) + keep, stable=True)]  # image order, then rank
+    per_image = list(boxes[keep].split(torch.bincount(owner[keep], minlength=len(images)).tolist()))
+    if embedder is None:
+        parts = model.embed_boxes(list(images), per_image)
+        emb = torch.cat(parts) if parts else boxes.new_zeros(0, model.classifier.embedding_dim)
+    else:
+        emb = embedder(list(images), per_image)
+    return emb, labels[keep], owner[keep], boxes[keep]
 
 
 @torch.no_grad()
