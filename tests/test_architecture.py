@@ -23,6 +23,7 @@ LAYERS = (
     ("fewshot",),
     ("hub",),
     ("train",),
+    ("app",),
     ("cli",),
 )
 TOP = {"__init__"}  # fewsight/__init__.py re-exports the packages

@@ -20,14 +20,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fewsight.cli import bench, demo, enroll, evaluate, export, predict, search, train
+from fewsight.cli import app, bench, demo, enroll, evaluate, export, predict, search, train
 from fewsight.cli.common import declared_outputs
 from fewsight.errors import FewsightError
 
 __all__ = ["clean_message", "main"]
 
 PROG = "fewsight"
-COMMANDS = {m.NAME: m for m in (demo, train, evaluate, predict, export, enroll, bench, search)}
+COMMANDS = {m.NAME: m for m in (demo, train, evaluate, predict, export, enroll, bench, search, app)}
 
 
 def build_parser() -> argparse.ArgumentParser:
