@@ -74,7 +74,8 @@ def reference(env, tmp_path_factory):
     """An uninterrupted run (3 chunks of 2 images; no --quiet: the bar is off anyway, not a terminal)."""
     out = tmp_path_factory.mktemp("reference") / "gallery"
     assert main(_argv(env, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["gallery.pt", "images.json"]  # chunks removed when done
+    names = sorted(p.name for p in out.iterdir())  # chunks removed when done; the faiss index in its own file
+    assert names[:2] == ["gallery.pt", "images.json"] and len(names) == 3 and names[2].endswith(".faiss")
     return out
 
 
@@ -181,3 +182,26 @@ def test_workers_and_progress_off_when_not_a_terminal(env, reference, tmp_path, 
     assert err == "" and printed.startswith("indexed ")
     a, b = Gallery.load(reference / "gallery.pt"), Gallery.load(out / "gallery.pt")
     assert torch.equal(a.embeddings(), b.embeddings()) and torch.equal(a.image_ids, b.image_ids)
+
+
+def test_index_backends_one_option(env, tmp_path, capsys):
+    """--index HNSW32 keeps its index beside gallery.pt (memory-mapped by query); --backend milvus stores
+    the vectors in OUT/gallery.db; both give the exact default's results on this small gallery."""
+    results = {}
+    for name, extra in (("flat", []), ("hnsw", ["--index", "HNSW32"]), ("milvus", ["--backend", "milvus"])):
+        if name == "milvus":
+            pytest.importorskip("pymilvus")
+            pytest.importorskip("milvus_lite")
+        out = tmp_path / name
+        assert main(_argv(env, out, "--quiet", *extra)) == 0
+        assert (out / "gallery.db").exists() == (name == "milvus")
+        assert bool(list(out.glob("index-*.faiss"))) == (name != "milvus")
+        capsys.readouterr()
+        example = sorted(env["images"].iterdir())[0]
+        assert main(["search", "query", "--checkpoint", str(env["model"]), "--gallery", str(out), "--image",
+                     str(example), "--k", "3", "--out", str(tmp_path / f"q_{name}")]) == 0
+        rows = json.loads((tmp_path / f"q_{name}" / "results.json").read_text())["results"]
+        results[name] = [(r["image"], r["box"]) for r in rows]
+    assert results["hnsw"] == results["flat"]
+    if "milvus" in results:
+        assert results["milvus"] == results["flat"]

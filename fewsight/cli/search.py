@@ -44,6 +44,14 @@ def add_parser(sub: Any) -> None:
     si.add_argument("--skip-corrupt", action="store_true",
                     help="leave out unreadable images (listed, and in OUT/images.json) instead of stopping")
     si.add_argument("--quiet", action="store_true", help="no progress bar")
+    si.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
+                    help="where the vectors live: faiss (embedded, default; the index in its own file beside "
+                    "gallery.pt, memory-mapped by `search query`) or a Milvus collection (needs fewsight[milvus])")
+    si.add_argument("--index", metavar="SPEC",
+                    help="faiss index factory string (default Flat: exact; e.g. HNSW32, IVF4096,PQ32x8,RFlat) or "
+                    "Milvus index type (default FLAT)")
+    si.add_argument("--uri", help="Milvus: a local .db file (default OUT/gallery.db, embedded milvus-lite) or a "
+                    "server, http://host:19530 (token from the environment variable FEWSIGHT_MILVUS_TOKEN)")
     sq = ssub.add_parser("query", help="find the gallery objects most like an example",
                          description="Embed an example object (a crop, or --box of an image) and print the k most "
                          "similar gallery objects (cosine); with --out, also OUT/results.json and OUT/results.png.")
@@ -108,12 +116,21 @@ def _chunk_dir(out: str) -> Path:
 
 
 def _gallery_factory(args: argparse.Namespace) -> Any:
-    """``(dim, class_names) -> Gallery``: the one place ``search index`` makes its gallery (a backend
-    option would be applied here)."""
-    from fewsight.retrieval import Gallery
+    """``(dim, class_names) -> Gallery``: the one place ``search index`` makes its gallery."""
+    import os
+
+    from fewsight.retrieval import Gallery, make_backend
+
+    options: dict[str, Any] = {}
+    uri = args.uri
+    if args.backend == "milvus":
+        uri = uri or str(_gallery_paths(args.out)[1].parent / "gallery.db")
+        # Not a flag: a token on the command line is visible to every user of the machine.
+        if os.environ.get("FEWSIGHT_MILVUS_TOKEN"):
+            options["token"] = os.environ["FEWSIGHT_MILVUS_TOKEN"]
 
     def make(dim: int, class_names: list[str]) -> Any:
-        return Gallery(dim, class_names=class_names)
+        return Gallery(dim, class_names=class_names, backend=make_backend(args.backend, index=args.index, uri=uri, **options))
 
     return make
 
@@ -140,13 +157,25 @@ def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
             raise DataError(exc.path, exc.reason.replace("pass restart=True", "pass --restart")) from None
         raise
     gallery = run.gallery
-    gallery.save(gallery_file)
+    # faiss: the index in a file of its own beside gallery.pt, which `search query` memory-maps.
+    gallery.save(gallery_file.parent if args.backend == "faiss" else gallery_file,
+                 layout="folder" if args.backend == "faiss" else "file")
     skipped = [str(f) for f, _ in run.skipped]
     write_json({"images": [str(f) for f in files], "embedder": args.embedder, "skipped": skipped}, images_file)
     clear_chunks(chunk_dir)  # the gallery holds them now; a rerun starts afresh
     print(f"indexed {len(gallery)} object(s) from {len(files) - len(skipped)} image(s); wrote {gallery_file}"
           + (f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""))
     return 0
+
+
+def _has_index_file(gallery_file: Path) -> bool:
+    import torch
+
+    try:
+        state = torch.load(gallery_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # Gallery.load reports an unreadable file with its name
+        return False
+    return isinstance(state, dict) and bool((state.get("files") or {}).get("index_file"))
 
 
 def _read_images_json(path: Path) -> dict[str, Any]:
@@ -181,7 +210,8 @@ def _query(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     from fewsight.retrieval import Gallery, embed_crop
 
     gallery_file, images_file = _gallery_paths(args.gallery)
-    gallery = Gallery.load(gallery_file)
+    # A gallery whose faiss index has a file of its own is memory-mapped, not read into memory.
+    gallery = Gallery.load(gallery_file, mmap=_has_index_file(gallery_file))
     info = _read_images_json(images_file)
     paths = info.get("images")
     if bool(info.get("embedder")) != (embedder is not None):

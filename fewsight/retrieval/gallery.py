@@ -1,19 +1,37 @@
-"""A searchable gallery of object embeddings (faiss exact inner-product index) with metadata.
+"""A searchable gallery of object embeddings with metadata, over a pluggable vector backend.
 
-:class:`Gallery` stores L2-normalised float32 embeddings in a ``faiss.IndexFlatIP`` (exact search:
-inner product of unit vectors = cosine similarity) together with one row of metadata per item:
-``labels`` (``-1`` = unknown), ``image_ids`` (``-1`` = not given) and ``boxes`` (``NaN`` rows = not
-given), plus optional ``class_names``. :meth:`Gallery.search` returns a :class:`SearchResult`.
+:class:`Gallery` stores L2-normalised float32 embeddings in a vector backend (inner product of
+unit vectors = cosine similarity) together with one row of metadata per item: ``labels`` (``-1`` =
+unknown), ``image_ids`` (``-1`` = not given) and ``boxes`` (``NaN`` rows = not given), plus optional
+``class_names``. :meth:`Gallery.search` returns a :class:`SearchResult`.
 
-Ordering: by cosine similarity, ties broken by gallery index (lower first), also at the k-th place
-(where faiss's own order is arbitrary), the convention of :mod:`fewsight.retrieval.metrics`.
-Embeddings on any device / dtype are copied to CPU float32 for faiss; results come back on the
-queries' device. faiss is the optional ``retrieval`` extra (``pip install "fewsight[retrieval]"``).
+Backends (:mod:`fewsight.retrieval.backends`, chosen with ``backend=`` or
+:func:`~fewsight.retrieval.make_backend`): faiss with any index factory string (default ``"Flat"``:
+exact search, as before backends existed; ``"HNSW32"``, ``"IVF4096,PQ32"``, ... approximate), or a
+Milvus collection (milvus-lite in a local ``.db`` file, or a server). faiss is the optional
+``retrieval`` extra (``pip install "fewsight[retrieval]"``), Milvus the ``milvus`` extra.
 
-Files: :meth:`Gallery.save` writes one ``torch.save`` file (written next to the destination, then
-renamed: atomic) holding the ``faiss.serialize_index`` bytes as a uint8 tensor and the metadata
-tensors; it loads with ``torch.load(weights_only=True)``. A missing or corrupt file raises
-:class:`~fewsight.errors.CheckpointError` naming it.
+Ordering: by score, ties broken by gallery index (lower first). With an exact backend (faiss
+``Flat``, Milvus ``FLAT``) this also holds at the k-th place (where the index's own order is
+arbitrary), the convention of :mod:`fewsight.retrieval.metrics`; results equal a brute-force cosine
+top-k. With an approximate index the results are the index's: items it misses are missing, and
+scores are its scores (exact inner products for HNSW / IVF-Flat / ``RFlat`` re-ranked indexes,
+quantised estimates for PQ without ``RFlat``); only the returned items are put in that order.
+Embeddings on any device / dtype are copied to CPU float32; results come back on the queries' device.
+
+Files (:meth:`Gallery.save`; writes are atomic):
+
+* ``layout="file"`` (default): one ``torch.save`` file (``path``, or ``path/gallery.pt`` for a
+  folder) holding the metadata and, for faiss, ``faiss.serialize_index`` bytes (format version 1).
+* ``layout="folder"``: a folder holding ``gallery.pt`` (the metadata, format version 2) and, for
+  faiss, ``index-<random>.faiss`` written by ``faiss.write_index``, which
+  ``Gallery.load(folder, mmap=True)`` memory-maps instead of reading (for indexes larger than RAM).
+  The metadata file, renamed into place last, names the index file: a reader or a crash sees the
+  old gallery or the new one, never a mix.
+
+For Milvus both layouts write only the metadata file; the vectors stay in the collection, which
+:meth:`Gallery.load` re-opens. Files load with ``torch.load(weights_only=True)``; a missing or corrupt
+file raises :class:`~fewsight.errors.CheckpointError` naming it.
 
 Example:
     >>> import torch
@@ -34,10 +52,11 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,13 +64,13 @@ from torch import Tensor
 from fewsight.errors import (
     CheckpointError,
     InvalidArgumentError,
-    MissingDependencyError,
     ShapeError,
     check_floating,
     check_labels,
     check_ndim,
 )
 from fewsight._io import atomic_write_bytes
+from fewsight.retrieval.backends import BACKENDS, FaissBackend, VectorBackend
 from fewsight.retrieval.hubness import csls_penalty
 from fewsight.retrieval.metrics import ordered_topk
 
@@ -60,20 +79,9 @@ __all__ = ["GALLERY_FORMAT", "Gallery", "SearchResult"]
 GALLERY_FORMAT = "fewsight.gallery"
 #: :meth:`Gallery.search` pads its rows to ``k`` columns up to this ``k`` (or the gallery's size, if larger).
 MAX_PADDED_K = 1024
-_VERSION = 1
+_ONE_FILE, _WITH_FILES = 1, 2  # format versions: index bytes inside / vectors beside or elsewhere
 _FILE_NAME = "gallery.pt"  # used when save/load is given a folder
 _BLOCK_ELEMENTS = 1 << 22  # CSLS scores: at most this many query x gallery floats at once
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as exc:
-        raise MissingDependencyError(
-            'Gallery needs faiss: install the retrieval extra, pip install "fewsight[retrieval]" '
-            f"(or pip install faiss-cpu); import failed with: {exc}"
-        ) from exc
-    return faiss
 
 
 class SearchResult(NamedTuple):
@@ -103,6 +111,14 @@ def _resolve_path(path: str | os.PathLike[str]) -> Path:
     return path / _FILE_NAME if path.is_dir() else path
 
 
+def _class_names(class_names: Any) -> list[str] | None:
+    if class_names is not None and (
+        isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)
+    ):
+        raise InvalidArgumentError(f"class_names: expected a sequence of str, got {class_names!r}")
+    return None if class_names is None else list(class_names)
+
+
 def _metadata(name: str, t: Tensor | None, n: int, default: float | int, *, width: int | None = None) -> Tensor:
     expected = f"Tensor[N, {width}]" if width else "Tensor[N]"
     if t is None:
@@ -116,12 +132,15 @@ def _metadata(name: str, t: Tensor | None, n: int, default: float | int, *, widt
 
 
 class Gallery:
-    """Exact cosine-similarity search over object embeddings with aligned metadata.
+    """Cosine-similarity search over object embeddings with aligned metadata.
 
     Args:
         dim: embedding size ``D``; ``None`` = taken from the first :meth:`add`.
         class_names: names of the classes; when given, labels must be ``< len(class_names)``
             (``< 0`` = unknown is always allowed).
+        backend: where the vectors live (a :class:`~fewsight.retrieval.backends.VectorBackend`);
+            default ``FaissBackend("Flat")``, exact. A backend that already holds items (a Milvus
+            collection re-opened) brings them with their metadata. One backend serves one gallery.
 
     Attributes:
         labels / image_ids: ``Long[N]``; boxes: ``Tensor[N, 4]`` (CPU; ``NaN`` rows where not given).
@@ -133,37 +152,65 @@ class Gallery:
         (3, 3)
         >>> g.search(torch.tensor([[0., 0., 5.]]), k=1).labels
         tensor([[2]])
+        >>> from fewsight.retrieval import make_backend
+        >>> h = Gallery(backend=make_backend("faiss", index="HNSW32"))
     """
 
-    def __init__(self, dim: int | None = None, *, class_names: Sequence[str] | None = None) -> None:
-        self._faiss = _import_faiss()
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        backend: VectorBackend | None = None,
+    ) -> None:
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise InvalidArgumentError(f"dim: expected None or an int >= 1, got {dim!r}")
-        if class_names is not None and (
-            isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)
-        ):
-            raise InvalidArgumentError(f"class_names: expected a sequence of str, got {class_names!r}")
-        self.class_names: list[str] | None = None if class_names is None else list(class_names)
-        self._index: Any = None
-        self._dim: int | None = None
+        class_names = _class_names(class_names)
+        if backend is None:
+            backend = FaissBackend()
+        elif not isinstance(backend, VectorBackend):
+            raise InvalidArgumentError(
+                f"backend: expected a VectorBackend (e.g. make_backend('faiss', index='HNSW32')), got {type(backend).__name__}"
+            )
+        self._attach(class_names, backend)
+        if dim is not None:
+            backend.create(dim)
+        if len(backend):
+            self._set_metadata(backend.stored_metadata() or {}, f"backend {backend.describe()}")
+
+    def _attach(self, class_names: list[str] | None, backend: VectorBackend) -> None:
+        self.class_names = class_names
+        self._backend = backend
         # Metadata is appended as chunks and concatenated on first read (no O(N) copy per add).
         self._chunks: dict[str, list[Tensor]] = {"labels": [], "image_ids": [], "boxes": []}
-        if dim is not None:
-            self._init_index(dim)
 
-    def _init_index(self, dim: int) -> None:
-        self._dim = dim
-        self._index = self._faiss.IndexFlatIP(dim)
+    def _set_metadata(self, meta: Mapping[str, Any], source: str) -> None:
+        n = len(self._backend)
+        defaults = {"labels": torch.full((n,), -1), "image_ids": torch.full((n,), -1),
+                    "boxes": torch.full((n, 4), math.nan)}
+        for key, shape in (("labels", (n,)), ("image_ids", (n,)), ("boxes", (n, 4))):
+            value = meta.get(key, defaults[key])
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise CheckpointError(f"{key}: expected shape {shape} (one row per item of the {source}), got {got}")
+            self._chunks[key] = [value.float() if key == "boxes" else value.long()]
 
     # ------------------------------------------------------------------ properties
 
     @property
     def dim(self) -> int | None:
         """Embedding size ``D`` (``None`` until known)."""
-        return self._dim
+        return self._backend.dim
+
+    @property
+    def backend(self) -> VectorBackend:
+        """The vector store (its knobs and timings, e.g. ``gallery.backend.set_search_params(nprobe=32)``)."""
+        return self._backend
 
     def __len__(self) -> int:
-        return 0 if self._index is None else int(self._index.ntotal)
+        return len(self._backend)
 
     def _column(self, name: str) -> Tensor:
         chunks = self._chunks[name]
@@ -188,24 +235,30 @@ class Gallery:
         return self._column("boxes")
 
     def embeddings(self) -> Tensor:
-        """``Tensor[N, D]``: the stored unit embeddings (float32, CPU), in gallery order."""
+        """``Tensor[N, D]``: the stored unit embeddings (float32, CPU), in gallery order (for a
+        PQ-compressed faiss index, their reconstructions)."""
         if not len(self):
-            return torch.zeros(0, self._dim or 0)
-        stored = self._index.reconstruct_n(0, len(self))
-        # faiss.contrib.torch_utils (imported by some libraries) makes reconstruct_n return a tensor.
-        return stored.cpu().float() if isinstance(stored, Tensor) else torch.from_numpy(stored)
+            return torch.zeros(0, self.dim or 0)
+        return torch.from_numpy(self._backend.reconstruct(0, len(self)))
 
     def __repr__(self) -> str:
         classes = "" if self.class_names is None else f", classes={len(self.class_names)}"
-        return f"Gallery(size={len(self)}, dim={self._dim}{classes})"
+        kind = self._backend.describe()
+        backend = "" if kind == "faiss:Flat" else f", backend={kind}"
+        return f"Gallery(size={len(self)}, dim={self.dim}{classes}{backend})"
+
+    def close(self) -> None:
+        """Release the backend's connection (Milvus); the gallery is not used afterwards."""
+        self._backend.close()
 
     # ------------------------------------------------------------------ building
 
-    def _as_faiss_input(self, name: str, x: Tensor) -> Any:
-        check_ndim(name, x, 2, "Tensor[N, D]" if self._dim is None else f"Tensor[N, {self._dim}]")
+    def _as_vectors(self, name: str, x: Tensor) -> np.ndarray:
+        dim = self.dim
+        check_ndim(name, x, 2, "Tensor[N, D]" if dim is None else f"Tensor[N, {dim}]")
         check_floating(name, x)
-        if self._dim is not None and x.shape[1] != self._dim:
-            raise ShapeError(f"{name}: expected Tensor[N, {self._dim}] (the gallery's D), got shape {tuple(x.shape)}")
+        if dim is not None and x.shape[1] != dim:
+            raise ShapeError(f"{name}: expected Tensor[N, {dim}] (the gallery's D), got shape {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ShapeError(f"{name}: expected Tensor[N, D] with D >= 1, got shape {tuple(x.shape)}")
         x = x.detach().cpu().float()
@@ -219,13 +272,17 @@ class Gallery:
         labels: Tensor | None = None,
         image_ids: Tensor | None = None,
         boxes: Tensor | None = None,
+        *,
+        start: int | None = None,
     ) -> None:
         """Append ``embeddings: Tensor[N, D]`` (normalised here) with their metadata.
 
         ``labels`` / ``image_ids``: ``Long[N]`` (default ``-1``); ``boxes``: ``Tensor[N, 4]`` xyxy
-        (default ``NaN``). New items get the indices ``len(self) .. len(self) + N - 1``.
+        (default ``NaN``). New items get the indices ``start .. start + N - 1``, ``start`` defaulting
+        to ``len(self)``. A smaller ``start`` replaces the items from there on (backends that can,
+        i.e. Milvus: re-adding a chunk after a crash does not duplicate it); faiss only appends.
         """
-        x = self._as_faiss_input("embeddings", embeddings)
+        x = self._as_vectors("embeddings", embeddings)
         n = x.shape[0]
         if labels is not None:
             check_labels("labels", labels, None if self.class_names is None else len(self.class_names))
@@ -238,13 +295,26 @@ class Gallery:
             "image_ids": _metadata("image_ids", image_ids, n, -1).long(),
             "boxes": _metadata("boxes", boxes, n, math.nan, width=4).float(),
         }
-        if self._index is None:
-            self._init_index(x.shape[1])
+        size = len(self)
+        if start is None:
+            start = size
+        elif isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= size:
+            raise InvalidArgumentError(f"start: expected an int in [0, {size}] (items have no gaps), got {start!r}")
+        elif start < size and not self._backend.can_overwrite:
+            raise InvalidArgumentError(
+                f"start: expected {size} (the {self._backend.kind} backend cannot replace items), got {start}"
+            )
+        if self.dim is None:
+            self._backend.create(x.shape[1])
         if n == 0:
             return
-        self._index.add(x)
+        self._backend.add(x, start, {key: value.numpy() for key, value in meta.items()})
         for key, value in meta.items():
-            self._chunks[key].append(value)
+            if start == size:
+                self._chunks[key].append(value)
+            else:  # replaced items, then perhaps new ones
+                column = self._column(key)
+                self._chunks[key] = [torch.cat([column[:start], value, column[start + n :]])]
 
     # ------------------------------------------------------------------ searching
 
@@ -252,20 +322,21 @@ class Gallery:
         """The ``k`` most similar items for each of ``queries: Tensor[Q, D]`` (normalised here).
 
         Returns a :class:`SearchResult` on the queries' device, rows padded with ``-1`` indices when
-        the gallery holds fewer than ``k`` items. Exact: equal to a brute-force cosine top-k. A ``k``
-        beyond both the gallery's size and :data:`MAX_PADDED_K` is clamped to the larger of the two:
-        columns past the gallery's size only hold padding, and a huge ``k`` must not allocate
-        ``Q × k`` of it.
+        the gallery holds fewer than ``k`` items. With an exact backend, equal to a brute-force cosine
+        top-k (see the module docstring for approximate ones). A ``k`` beyond both the gallery's size
+        and :data:`MAX_PADDED_K` is clamped to the larger of the two: columns past the gallery's size
+        only hold padding, and a huge ``k`` must not allocate ``Q × k`` of it.
 
         ``csls_reference: Tensor[R, D]``, a sample of the query domain (e.g. training-class objects
         seen the way queries are), ranks by CSLS instead of the cosine:
         ``2 cos(q, g) − r(g)`` with ``r(g)`` the mean cosine of ``g`` to its ``csls_k`` nearest
         reference rows (:func:`~fewsight.retrieval.csls_similarity`), which demotes gallery hubs
-        that are near every query. Scores are then CSLS values, computed in blocks of queries.
+        that are near every query. Scores are then CSLS values, computed in blocks of queries over
+        :meth:`embeddings` (brute force, whatever the backend).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k: expected an int >= 1, got {k!r}")
-        x = self._as_faiss_input("queries", queries)
+        x = self._as_vectors("queries", queries)
         q, n = x.shape[0], len(self)
         k = min(k, max(n, MAX_PADDED_K))
         if csls_reference is not None:
@@ -273,20 +344,41 @@ class Gallery:
         scores = torch.full((q, k), -math.inf, dtype=torch.float32)
         indices = torch.full((q, k), -1, dtype=torch.long)
         if q and n:
-            # One extra neighbour shows whether an unreturned item ties with the k-th score.
-            depth = min(k + 1, n)
-            dist, idx = self._index.search(x, depth)
-            dist, idx = torch.from_numpy(dist), torch.from_numpy(idx).long()
             found = min(k, n)
+            limit = min(n, self._backend.max_depth or n)
+            if found > limit:
+                raise InvalidArgumentError(f"k: expected at most {limit} with the {self._backend.kind} backend, got {k}")
+            # Exact backends: one extra neighbour shows whether an unreturned item ties with the k-th score.
+            depth = min(found + 1, limit) if self._backend.exact else found
+            dist, idx = (torch.from_numpy(a) for a in self._backend.search(x, depth))
             scores[:, :found], indices[:, :found] = self._order_ties(dist[:, :found], idx[:, :found])
-            if depth > k:
-                boundary = (dist[:, k] == dist[:, k - 1]).nonzero().squeeze(1)
-                if boundary.numel():
-                    scores[boundary], indices[boundary] = self._exact_rows(x[boundary.numpy()], k)
+            if depth > found:
+                tied = (dist[:, found] == dist[:, found - 1]) & (idx[:, found] >= 0)
+                rows = tied.nonzero().squeeze(1).numpy()
+                if rows.size:
+                    self._complete_ties(x, rows, found, depth, dist, idx, scores, indices)
         return self._result(scores, indices, queries.device)
 
-    def _csls_search(self, x: Any, k: int, reference: Tensor, csls_k: int, device: torch.device) -> SearchResult:
-        reference = torch.from_numpy(self._as_faiss_input("csls_reference", reference))
+    def _complete_ties(self, x: np.ndarray, rows: np.ndarray, k: int, depth: int, dist: Tensor, idx: Tensor,
+                       scores: Tensor, indices: Tensor) -> None:
+        # Rare path (a tie at the k-th place): search these rows deeper until the whole group of items
+        # tied with the k-th score is in, then keep its lowest indices.
+        limit = min(len(self), self._backend.max_depth or len(self))
+        dist, idx = dist[rows], idx[rows]
+        while True:
+            done = (dist[:, -1] < dist[:, k - 1]) | (depth >= limit)
+            if bool(done.any()):
+                s, i = self._order_ties(dist[done], idx[done])
+                target = torch.from_numpy(rows[done.numpy()])
+                scores[target], indices[target] = s[:, :k], i[:, :k]
+            rows = rows[~done.numpy()]
+            if not rows.size:
+                return
+            depth = min(2 * depth, limit)
+            dist, idx = (torch.from_numpy(a) for a in self._backend.search(x[rows], depth))
+
+    def _csls_search(self, x: np.ndarray, k: int, reference: Tensor, csls_k: int, device: torch.device) -> SearchResult:
+        reference = torch.from_numpy(self._as_vectors("csls_reference", reference))
         q, n = x.shape[0], len(self)
         scores = torch.full((q, k), -math.inf, dtype=torch.float32)
         indices = torch.full((q, k), -1, dtype=torch.long)
@@ -302,16 +394,11 @@ class Gallery:
 
     @staticmethod
     def _order_ties(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-        # faiss returns equal scores in arbitrary order: sort by index, then stably by score.
+        # Indexes return equal scores in arbitrary order: sort by index, then stably by score.
         by_index = indices.argsort(dim=1)
         scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
         by_score = scores.argsort(dim=1, descending=True, stable=True)
         return scores.gather(1, by_score), indices.gather(1, by_score)
-
-    def _exact_rows(self, x: Any, k: int) -> tuple[Tensor, Tensor]:
-        # Rare path (a tie at the k-th place): brute force over the stored vectors for these rows.
-        stored = self.embeddings()
-        return ordered_topk(torch.from_numpy(x) @ stored.T, k)
 
     def _result(self, scores: Tensor, indices: Tensor, device: torch.device) -> SearchResult:
         valid = indices >= 0
@@ -334,82 +421,135 @@ class Gallery:
 
     # ------------------------------------------------------------------ files
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors / ints / strings only (loadable with ``torch.load(weights_only=True)``)."""
-        index = (
-            torch.empty(0, dtype=torch.uint8)
-            if self._index is None
-            else torch.from_numpy(self._faiss.serialize_index(self._index).copy())
-        )
-        return {
+    def _state(self, *, blob: np.ndarray | None = None, files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        state: dict[str, Any] = {
             "format": GALLERY_FORMAT,
-            "version": _VERSION,
-            "dim": self._dim,
-            "index": index,
+            "version": _ONE_FILE if blob is not None else _WITH_FILES,
+            "dim": self.dim,
             "labels": self.labels,
             "image_ids": self.image_ids,
             "boxes": self.boxes,
             "class_names": self.class_names,
+            "backend": self._backend.config(),
         }
+        if blob is not None:
+            state["index"] = torch.from_numpy(np.array(blob, dtype=np.uint8))  # a copy torch owns
+        else:
+            state["files"] = dict(files or {})
+        return state
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the gallery to ``path`` (a file, or ``path/gallery.pt`` if ``path`` is a folder),
-        atomically; returns the file's path."""
-        path = _resolve_path(path)
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors / ints / strings only (loadable with ``torch.load(weights_only=True)``): the
+        one-file form (version 1) where the backend can give its bytes (faiss), else the metadata
+        with the backend's settings (version 2)."""
+        return self._state(blob=self._backend.to_bytes())
+
+    def save(self, path: str | os.PathLike[str], *, layout: str = "file") -> Path:
+        """Write the gallery, atomically; returns the metadata file's path.
+
+        ``layout="file"``: one file at ``path`` (``path/gallery.pt`` if ``path`` is a folder).
+        ``layout="folder"``: ``path`` is a folder (created) holding ``gallery.pt`` and the faiss
+        index file, loadable with ``mmap=True``; index files of an earlier save there are removed.
+        """
+        if layout not in ("file", "folder"):
+            raise InvalidArgumentError(f"layout: expected 'file' or 'folder', got {layout!r}")
+        if layout == "file":
+            file = _resolve_path(path)
+            blob = self._backend.to_bytes()
+            state = self._state(blob=blob) if blob is not None else self._state(files=self._backend.save_files(file.parent))
+            self._write(state, file)
+            if file.name == _FILE_NAME:  # it replaced a folder gallery's metadata: its index files are stale
+                self._remove_stale(file.parent, state.get("files", {}))
+            return file
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise InvalidArgumentError(f"path: expected a folder for layout='folder', got the file {folder}")
+        files = self._backend.save_files(folder)
+        file = self._write(self._state(files=files), folder / _FILE_NAME)
+        self._remove_stale(folder, files)
+        return file
+
+    def _remove_stale(self, folder: Path, files: Mapping[str, Any]) -> None:
+        for stale in self._backend.stale_files(folder, files):
+            try:
+                stale.unlink()
+            except OSError:  # e.g. still mapped by a reader on a system that forbids removing it
+                pass
+
+    @staticmethod
+    def _write(state: dict[str, Any], file: Path) -> Path:
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        atomic_write_bytes(buffer.getvalue(), path)
-        return path
+        torch.save(state, buffer)
+        return atomic_write_bytes(buffer.getvalue(), file)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Gallery:
-        """Read a file written by :meth:`save` (``weights_only=True``).
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False, **backend_options: Any) -> Gallery:
+        """Read a gallery written by :meth:`save` (``weights_only=True``): a file, or a folder holding
+        ``gallery.pt``.
+
+        ``mmap=True`` memory-maps the faiss index of a ``layout="folder"`` gallery (read-only until
+        the first :meth:`add`, which copies it into memory). ``backend_options`` replace saved
+        backend settings, e.g. ``nprobe=64`` or ``device="cpu"`` (faiss), ``token=...`` or ``uri=...``
+        (Milvus).
 
         Raises :class:`~fewsight.errors.CheckpointError` naming the file when it is missing,
         unreadable, not a fewsight gallery, or inconsistent.
         """
-        path = _resolve_path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: gallery file not found")
+        file = _resolve_path(path)
+        state = _read_state(file)
         try:
-            state = torch.load(path, map_location=_to_host, weights_only=True)
-        except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-            text = " ".join(str(exc).split())
-            # torch's weights-only refusal is a page of advice (including to turn the check off): not relayed.
-            reason = ("it holds objects other than tensors and plain containers, or is damaged"
-                      if "Weights only load failed" in text else text.split(". ", 1)[0][:160])
-            raise CheckpointError(
-                f"{path}: not a readable gallery file ({type(exc).__name__}{': ' + reason if reason else ''})"
-            ) from exc
-        if not isinstance(state, dict) or state.get("format") != GALLERY_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"{path}: expected a {GALLERY_FORMAT!r} file, got {got!r}")
-        if state.get("version") != _VERSION:
-            raise CheckpointError(f"{path}: expected gallery format version {_VERSION}, got {state.get('version')!r}")
-        try:
-            return cls._from_state(state)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
-
-    @classmethod
-    def _from_state(cls, state: dict[str, Any]) -> Gallery:
-        gallery = cls(class_names=state.get("class_names"))
-        dim, blob = state.get("dim"), state.get("index")
-        if dim is not None:
-            if not isinstance(blob, Tensor) or blob.dtype != torch.uint8 or blob.numel() == 0:
-                raise CheckpointError("missing faiss index bytes")
+            config = state.get("backend") or {"kind": FaissBackend.kind}  # version-1 files before backends
+            kind = config.get("kind") if isinstance(config, dict) else None
+            if kind not in BACKENDS:
+                raise CheckpointError(f"expected a backend kind in {tuple(BACKENDS)}, got {kind!r}")
+            if state["version"] == _ONE_FILE:
+                if mmap:
+                    raise InvalidArgumentError(
+                        f"mmap: expected a gallery saved with layout='folder' (its index in a file of its own), "
+                        f"got the one-file gallery {file}"
+                    )
+                blob = state.get("index")
+                if not isinstance(blob, Tensor) or blob.dtype != torch.uint8 or (state.get("dim") is not None and not blob.numel()):
+                    raise CheckpointError("missing faiss index bytes")
+                backend = BACKENDS[kind].open(config, folder=file.parent, files={}, blob=blob.numpy(), **backend_options)
+            else:
+                files = state.get("files")
+                if not isinstance(files, dict):
+                    raise CheckpointError(f"expected a dict of the backend's files, got {type(files).__name__}")
+                backend = BACKENDS[kind].open(config, folder=file.parent, files=files, mmap=mmap, **backend_options)
+            if backend.dim != state.get("dim"):
+                raise CheckpointError(f"the {kind} index has dimension {backend.dim}, metadata says {state.get('dim')}")
+            # Built here rather than by __init__: the metadata comes from the file, not from the store
+            # (for Milvus that would be one more full read).
+            gallery = cls.__new__(cls)
             try:
-                index = gallery._faiss.deserialize_index(blob.numpy())
-            except Exception as exc:  # faiss raises RuntimeError for bad bytes
-                raise CheckpointError(f"corrupt faiss index ({type(exc).__name__})") from exc
-            if index.d != dim:
-                raise CheckpointError(f"faiss index has dimension {index.d}, metadata says {dim}")
-            gallery._dim, gallery._index = dim, index
-        n = len(gallery)
-        for key, shape in (("labels", (n,)), ("image_ids", (n,)), ("boxes", (n, 4))):
-            value = state.get(key)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise CheckpointError(f"{key}: expected shape {shape} (one row per item), got {got}")
-            gallery._chunks[key] = [value]
+                gallery._attach(_class_names(state.get("class_names")), backend)
+            except InvalidArgumentError as exc:
+                raise CheckpointError(str(exc)) from None
+            gallery._set_metadata(state, "gallery file")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{file}: {exc}") from exc
         return gallery
+
+
+def _read_state(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: gallery file not found")
+    try:
+        state = torch.load(file, map_location=_to_host, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        text = " ".join(str(exc).split())
+        # torch's weights-only refusal is a page of advice (including to turn the check off): not relayed.
+        reason = ("it holds objects other than tensors and plain containers, or is damaged"
+                  if "Weights only load failed" in text else text.split(". ", 1)[0][:160])
+        raise CheckpointError(
+            f"{file}: not a readable gallery file ({type(exc).__name__}{': ' + reason if reason else ''})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != GALLERY_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file}: expected a {GALLERY_FORMAT!r} file, got {got!r}")
+    if state.get("version") not in (_ONE_FILE, _WITH_FILES):
+        raise CheckpointError(
+            f"{file}: expected gallery format version {_ONE_FILE} or {_WITH_FILES}, got {state.get('version')!r}"
+        )
+    return state

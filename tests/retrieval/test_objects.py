@@ -35,9 +35,8 @@ def _images(seed=0, sizes=((64, 64), (64, 64), (64, 64))):
 
 
 def _stored(gallery: Gallery) -> torch.Tensor:
-    """The gallery's stored (unit) vectors, read back from its faiss index."""
-    n = len(gallery)
-    return torch.as_tensor(gallery._index.reconstruct_n(0, n)) if n else torch.zeros(0, gallery.dim)
+    """The gallery's stored (unit) vectors."""
+    return gallery.embeddings() if len(gallery) else torch.zeros(0, gallery.dim)
 
 
 def _reference_items(model, images, score_threshold, nms_threshold):
