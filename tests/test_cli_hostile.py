@@ -212,9 +212,10 @@ def test_gallery_search_clamps_a_huge_k():
 
 @pytest.mark.parametrize("text", ['{"images": ["a.png", ', "[1, 2]", '{"images": [1, 2]}', "\xff\xfe"])
 def test_a_broken_images_json_is_one_line_naming_it(env, tmp_path, capsys, text):
+    import shutil
+
     gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    (gallery / "gallery.pt").write_bytes((env["gallery"] / "gallery.pt").read_bytes())
+    shutil.copytree(env["gallery"], gallery)  # gallery.pt and its faiss index file
     (gallery / "images.json").write_bytes(text.encode("latin-1"))
     argv = ["search", "query", "--checkpoint", str(env["model"]), "--gallery", str(gallery), "--image", str(env["image"])]
     assert main(argv) == 1

@@ -1,4 +1,5 @@
-"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``, ``enroll``, ``bench``, ``search``.
+"""The ``fewsight`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``export``, ``enroll``, ``bench``, ``search``,
+``anchors``.
 
 One module per command; each holds its parser (``add_parser``) and its run function (``run``), and
 calls the library — no recipe or figure lives here. Every command has ``--help``. Bad input (a
@@ -20,14 +21,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fewsight.cli import app, bench, demo, enroll, evaluate, export, predict, search, train
+from fewsight.cli import anchors, app, bench, demo, enroll, evaluate, export, predict, search, train
 from fewsight.cli.common import declared_outputs
 from fewsight.errors import FewsightError
 
 __all__ = ["clean_message", "main"]
 
 PROG = "fewsight"
-COMMANDS = {m.NAME: m for m in (demo, train, evaluate, predict, export, enroll, bench, search, app)}
+COMMANDS = {m.NAME: m for m in (demo, train, evaluate, predict, export, enroll, bench, search, app, anchors)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,11 +1,12 @@
-"""``fewsight eval``: evaluate a detector file on a dataset (COCO mAP)."""
+"""``fewsight eval``: evaluate a detector file on a dataset (COCO mAP); ``--tile`` evaluates it sliced."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from fewsight.cli.common import add_data_source, eval_dataset, output_dir, print_metrics
+from fewsight.cli.common import add_data_source, eval_dataset, flag_errors, output_dir, print_metrics
+from fewsight.cli.predict import add_tile_options, check_tile_options
 
 NAME = "eval"
 
@@ -15,33 +16,49 @@ def add_parser(sub: Any) -> None:
         NAME,
         help="evaluate a trained detector on a dataset (COCO mAP)",
         description="Evaluate a detector file (model.pt or a training checkpoint) on a dataset and print / write "
-        "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's.",
+        "COCO mAP, mAP50 and per-class AP. The dataset's classes are the model's. With --tile, each image is run "
+        "tile by tile (large images with small objects).",
     )
     p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     add_data_source(p, "--data", "a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, "
                     "or 'digits'")
     p.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images (tiles with --tile) per forward pass (8)")
     p.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_tile_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewsight.errors import DataError
+    from fewsight.errors import DataError, InvalidArgumentError
     from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
     from fewsight.hub import load_model
+    from fewsight.models import SlicedDetector, detection_cap
 
+    sliced = check_tile_options(args)
     out = None if args.out is None else output_dir(
         args.out, [args.checkpoint, args.data, args.images], names=["metrics.json", "pr_curve.png", "detections.png"])
     model = load_model(args.checkpoint)
     classes = list(model.classes)
-    dataset = eval_dataset(args, classes)
+    if args.max_pixels is None:
+        dataset = eval_dataset(args, classes)
+    elif (args.format or args.data) == "digits":
+        raise InvalidArgumentError("--max-pixels: expected an image-file dataset, got the generated digits")
+    else:
+        from fewsight.data import open_dataset
+
+        with flag_errors("--images", "images"), flag_errors("--format", "format"):
+            dataset = open_dataset(args.data, args.format, classes=classes, images=args.images,
+                                   max_pixels=args.max_pixels)
     if len(dataset) == 0:
         raise DataError(args.data, "the dataset has no images")
-    metrics, predictions = evaluate_model(
-        model, dataset, args.batch_size, class_names=classes, progress=not args.quiet, pr_curves=out is not None,
-        return_predictions=True,
-    )
+    # Sliced: one image at a time through the wrapper, whose tiles are batched by --batch-size.
+    detector = model if sliced is None else SlicedDetector(model, **sliced)
+    with detection_cap(model, args.max_detections if sliced is None else None):
+        metrics, predictions = evaluate_model(
+            detector, dataset, args.batch_size if sliced is None else 1, class_names=classes,
+            progress=not args.quiet, pr_curves=out is not None, return_predictions=True,
+        )
     curves = metrics.pop("pr_curves", None)
     if metrics.get("num_ground_truth") == 0:
         raise DataError(args.data, f"no ground-truth boxes in its {len(dataset)} image(s): there is nothing to score "

@@ -1,4 +1,10 @@
-"""``fewsight predict``: detect objects in images, a PNG and a JSON per image."""
+"""``fewsight predict``: detect objects in images, a PNG and a JSON per image.
+
+With ``--tile SIZE`` each image is run tile by tile (:func:`fewsight.models.predict_sliced`): large
+images with small objects. Then images are decoded one at a time as ``uint8`` (3 bytes a pixel; each
+batch of tiles becomes float on its own), so a 10,000 x 10,000 image is held in 300 MB (decoding peaks
+near 700 MB, Pillow's own copy included), not the 1.2 GB of its float tensor. ``--max-pixels`` allows images above Pillow's decompression-bomb limit.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +16,96 @@ from fewsight.cli.common import check_float, image_files, output_dir
 
 NAME = "predict"
 
+#: The drawn PNG is 600 px wide: images are thinned to at most this side before drawing.
+_PLOT_SIDE = 2048
+
+
+def add_tile_options(p: argparse.ArgumentParser) -> None:
+    """``--tile``, ``--overlap``, ``--merge``, ``--full-image``, ``--max-detections``, ``--max-pixels``."""
+    g = p.add_argument_group("large images (sliced inference)")
+    g.add_argument("--tile", type=int, metavar="SIZE",
+                   help="run the detector on overlapping SIZE x SIZE tiles and merge their detections (large images "
+                   "with small objects; default: the whole image at once)")
+    g.add_argument("--overlap", type=float, default=0.2, help="with --tile: overlap of neighbouring tiles, a fraction "
+                   "of the tile (default 0.2; an overlap of at least an object's size keeps each object whole in some tile)")
+    g.add_argument("--merge", choices=("greedy", "nms"), default="greedy",
+                   help="with --tile: join an object's detections from several tiles into their union (greedy, "
+                   "default) or keep the best (class-wise NMS)")
+    g.add_argument("--full-image", action="store_true",
+                   help="with --tile: also run on the whole image downscaled to one tile (objects larger than a tile)")
+    g.add_argument("--max-detections", type=int, metavar="N",
+                   help="keep at most N detections per image (and per tile with --tile; default: the model's "
+                   "detections_per_image, all merged ones with --tile)")
+    g.add_argument("--max-pixels", type=int, metavar="N",
+                   help="read images of up to N pixels (default: Pillow's limit, about 89 million; larger ones are "
+                   "refused as possible decompression bombs)")
+
+
+def check_tile_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The :func:`~fewsight.models.predict_sliced` settings of ``--tile`` ... (``None`` without ``--tile``)."""
+    from fewsight.errors import InvalidArgumentError
+
+    for flag, value in (("--tile", args.tile), ("--max-detections", args.max_detections),
+                        ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"{flag}: expected an int >= 1, got {value}")
+    check_float("--overlap", args.overlap, low=0.0, high=0.95)
+    if args.tile is None:
+        if args.full_image or args.merge != "greedy" or args.overlap != 0.2:
+            raise InvalidArgumentError("--overlap/--merge/--full-image: expected --tile SIZE with them, got no --tile")
+        return None
+    return {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
+            "batch_size": args.batch_size, "max_detections": args.max_detections,
+            "detections_per_tile": args.max_detections}
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         NAME,
         help="detect objects in images (PNG + JSON per image)",
         description="Run a detector on image files (or every image of a folder) and write OUT/<name>.png with the "
-        "boxes drawn, OUT/<name>.json and OUT/predictions.json.",
+        "boxes drawn, OUT/<name>.json and OUT/predictions.json. With --tile, large images are run tile by tile.",
     )
     p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections at least this score (0.3)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images (tiles with --tile) per forward pass (8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_tile_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from fewsight.data import load_image
-    from fewsight.eval import detections_to_json, plot_detections, predict, write_json
+    from fewsight.data.dataset import read_image_size
+    from fewsight.eval import detections_to_json, predict, write_json
     from fewsight.hub import load_model
+    from fewsight.models import detection_cap
 
     check_float("--score-threshold", args.score_threshold, low=0.0, high=1.0)
+    sliced = check_tile_options(args)
     files = image_files(args.images)
     names = _output_names(files)
     out = output_dir(args.out, [args.checkpoint, *args.images, *files],
                      names=[f"{n}{ext}" for n in names for ext in (".png", ".json")] + ["predictions.json"])
-    images = [load_image(f) for f in files]  # DataError naming a corrupt file, before any work
-    model = load_model(args.checkpoint)
+    if sliced is None:
+        images = [load_image(f, max_pixels=args.max_pixels) for f in files]  # DataError naming a corrupt file, first
+        model = load_model(args.checkpoint)
+        with detection_cap(model, args.max_detections):
+            predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
+        pairs = zip(images, predictions)
+    else:
+        for f in files:  # a missing, unreadable or too large file is named before any work
+            read_image_size(f, max_pixels=args.max_pixels)
+        model = load_model(args.checkpoint)
+        pairs = _sliced_predictions(model, files, args, sliced)  # one decoded image at a time
     classes = list(model.classes)
-    predictions = predict(model, images, batch_size=args.batch_size, progress=not args.quiet)
     summary = []
-    for f, name, image, pred in zip(files, names, images, predictions):
+    for f, name, (image, pred) in zip(files, names, pairs):
         keep = pred["scores"] >= args.score_threshold
         kept = {k: v[keep] for k, v in pred.items()}
         dets = detections_to_json(kept, classes)
-        plot_detections(image, kept, None, classes, out / f"{name}.png", score_threshold=args.score_threshold)
+        _plot(image, kept, classes, out / f"{name}.png", args.score_threshold)
         write_json({"image": str(f), "detections": dets}, out / f"{name}.json")
         summary.append({"image": str(f), "output": f"{name}.png", "detections": dets})
         print(f"{f}: {len(dets)} detection(s)")
@@ -53,6 +113,70 @@ def run(args: argparse.Namespace) -> int:
                out / "predictions.json")
     print(f"wrote {len(files)} image(s) to {out}")
     return 0
+
+
+def _sliced_predictions(model: Any, files: list[Path], args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """``(image, detections)`` per file, decoding each image only when its turn comes."""
+    from fewsight.eval.evaluate import progress_bar
+    from fewsight.models import predict_sliced
+
+    with progress_bar(not args.quiet) as bar:
+        task = bar.add_task("predict (tiles)", total=len(files))
+        for f in files:
+            image = read_rgb8(f, args.max_pixels)
+            pred = predict_sliced(model, image, **settings)
+            bar.advance(task)
+            yield image, {k: v.detach().cpu() for k, v in pred.items()}
+
+
+def read_rgb8(path: Path, max_pixels: int | None) -> Any:
+    """``Tensor[3, H, W]`` uint8 RGB pixels of an image file, the values :func:`fewsight.data.load_image` scales
+    to ``[0, 1]`` (16-bit and 32-bit grayscale files: ``load_image``'s float result); the same errors.
+
+    Pillow's decoded image (4 bytes a pixel) is copied out in strips of about 16 MB, so the peak is the
+    decoded image plus the ``3 H W`` bytes of the result, not Pillow's whole-image ``tobytes`` copies.
+    """
+    import struct
+    import warnings
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from fewsight.data import load_image
+    from fewsight.data.dataset import read_image_size
+    from fewsight.errors import DataError
+
+    h, w = read_image_size(path, max_pixels=max_pixels)  # missing, not an image, too many pixels: DataError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is max_pixels, checked above
+            with Image.open(path) as im:
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # load_image scales these by their range
+                    return load_image(path, max_pixels=max_pixels)
+                im.load()
+                arr = np.empty((h, w, 3), dtype=np.uint8)
+                rows = max(1, (1 << 24) // (3 * w))
+                for y in range(0, h, rows):
+                    strip = im.crop((0, y, w, min(h, y + rows)))
+                    arr[y : y + rows] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
+        raise DataError(path, f"cannot decode image: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _plot(image: Any, prediction: dict[str, Any], classes: list[str], path: Path, score_threshold: float) -> None:
+    """The PNG of one image; a large image is thinned first (the figure is 600 px wide) so that drawing
+    it costs no float copy of every pixel."""
+    from fewsight.eval import plot_detections
+
+    step = -(-max(image.shape[-2:]) // _PLOT_SIDE)
+    if step > 1:
+        image = image[:, ::step, ::step]
+        prediction = {**prediction, "boxes": prediction["boxes"] / step}
+    if not image.is_floating_point():
+        image = image.float() / 255
+    plot_detections(image, prediction, None, classes, path, score_threshold=score_threshold)
 
 
 def _output_names(files: list[Path]) -> list[str]:

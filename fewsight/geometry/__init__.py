@@ -4,6 +4,14 @@ Pure tensor functions; every one takes a whole batch and follows its inputs' dev
 """
 
 from fewsight.geometry.anchors import SSD300_ASPECT_RATIOS, AnchorGenerator, default_boxes, feature_size
+from fewsight.geometry.anchor_fit import (
+    AnchorProposal,
+    best_anchor_iou,
+    best_possible_recall,
+    kmeans_anchors,
+    propose_anchors,
+    wh_iou,
+)
 from fewsight.geometry.boxes import (
     BOX_FORMATS,
     SanitizedBoxes,
@@ -17,6 +25,7 @@ from fewsight.geometry.boxes import (
 from fewsight.geometry.coder import BoxCoder
 from fewsight.geometry.matching import BACKGROUND, IGNORE, Match, match
 from fewsight.geometry.targets import PaddedTargets, pad_targets
+from fewsight.geometry.tiling import TileTargets, tile_grid, tile_starts, tile_targets
 
 __all__ = [
     "SSD300_ASPECT_RATIOS",
@@ -25,17 +34,27 @@ __all__ = [
     "BOX_FORMATS",
     "IGNORE",
     "AnchorGenerator",
+    "AnchorProposal",
     "BoxCoder",
     "Match",
     "PaddedTargets",
     "SanitizedBoxes",
+    "TileTargets",
+    "best_anchor_iou",
+    "best_possible_recall",
     "box_area",
     "box_convert",
     "box_ioa",
     "box_iou",
     "clip_boxes",
     "default_boxes",
+    "kmeans_anchors",
     "match",
     "pad_targets",
+    "propose_anchors",
     "sanitize_boxes",
+    "tile_grid",
+    "tile_starts",
+    "tile_targets",
+    "wh_iou",
 ]

@@ -14,6 +14,7 @@ from fewsight.models.postprocess import DetectionPostprocess
 from fewsight.models.heads import DLDENetHead, RetinaNetHead
 from fewsight.models.retinanet import RetinaNet
 from fewsight.models.dldenet import DLDENet
+from fewsight.models.sliced import SlicedDetector, detection_cap, greedy_merge, predict_sliced
 from fewsight.models.ssd import SSD, DefaultBoxGenerator, SSDHead
 from fewsight.models.export import OnnxExportInfo, export_onnx, postprocess_onnx_outputs, read_onnx_info
 
@@ -31,6 +32,10 @@ __all__: list[str] = [
     "RetinaNetHead",
     "RetinaNet",
     "DLDENet",
+    "SlicedDetector",
+    "detection_cap",
+    "greedy_merge",
+    "predict_sliced",
     "SSD",
     "DefaultBoxGenerator",
     "SSDHead",
