@@ -118,6 +118,7 @@ class MilvusBackend(VectorBackend):
             ) from None
         self._dim: int | None = None
         self._count = 0
+        self._unindexed = False  # rows added since the collection was last loaded
         if self._client.has_collection(collection):
             self._open_existing()
 
@@ -209,6 +210,20 @@ class MilvusBackend(VectorBackend):
                     for j in range(i, min(n, i + step))]
             self._client.upsert(self._name, rows, timeout=self._timeout)
         self._count = max(self._count, start + n)
+        self._unindexed = True
+
+    def train(self) -> None:
+        """Build the approximate index over what was added (milvus-lite builds it when the collection
+        is loaded; until then a search scans every row). No-op for ``FLAT``."""
+        if self._unindexed and self._index_type != "FLAT" and self._dim is not None:
+            self._client.flush(self._name, timeout=self._timeout)
+            self._client.release_collection(self._name, timeout=self._timeout)
+            self._client.load_collection(self._name, timeout=self._timeout)
+        self._unindexed = False
+
+    def set_search_params(self, **params: Any) -> None:
+        """Replace search-time parameters (e.g. ``ef=64`` for HNSW, ``nprobe=16`` for IVF) in place."""
+        self._search_params = dict(params)
 
     # ------------------------------------------------------------------ reading
 
@@ -220,6 +235,7 @@ class MilvusBackend(VectorBackend):
         ids = np.full((q, depth), -1, dtype=np.int64)
         if not self._count or not q:
             return scores, ids
+        self.train()
         params = {"metric_type": "IP", "params": dict(self._search_params)}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         for i in range(0, q, _QUERY_BLOCK):
@@ -266,6 +282,7 @@ class MilvusBackend(VectorBackend):
         # The vectors stay in the collection; a flush makes a server persist what was upserted.
         if self._dim is not None:
             self._client.flush(self._name, timeout=self._timeout)
+            self.train()
         return {"count": self._count}
 
     @classmethod
