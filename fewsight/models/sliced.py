@@ -38,12 +38,15 @@ from torch import Tensor, nn
 from fewsight.errors import DTypeError, InvalidArgumentError, ShapeError, check_choice, check_real
 from fewsight.geometry import tile_grid
 
-__all__ = ["MATCH_METRICS", "MERGES", "SlicedDetector", "detection_cap", "greedy_merge", "predict_sliced"]
+__all__ = ["BORDER_PX", "MATCH_METRICS", "MERGES", "SlicedDetector", "detection_cap", "greedy_merge", "predict_sliced"]
 
 MERGES = ("nms", "greedy")
 MATCH_METRICS = ("iou", "ios")
 # Candidate pairs per block of greedy merging: a few [P, 4] float buffers of ~16 MB.
 _BLOCK = 1 << 20
+# A box edge this close (pixels) to an inner tile border counts as cut by it: regression rarely
+# lands exactly on the border.
+BORDER_PX = 4.0
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool = False) -> int | None:
@@ -103,7 +106,8 @@ def _overlapping_pairs(boxes: Tensor, labels: Tensor, threshold: float, metric: 
 
 
 def greedy_merge(
-    boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float = 0.5, *, metric: str = "ios"
+    boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float = 0.5, *, metric: str = "ios",
+    mergeable: Tensor | None = None,
 ) -> Tensor:
     """Greedy non-maximum merging (SAHI's GREEDYNMM) -> ``Long[K]``: for each box, the box it merges into.
 
@@ -113,7 +117,8 @@ def greedy_merge(
     merged detection is the union of its group's boxes with the keeper's score (the group's highest)
     and label: see :func:`predict_sliced`. Overlapping pairs come from a sweep along x (only boxes
     whose x-ranges overlap are compared, in blocks: memory ``O(block + pairs)``); only boxes that
-    have a partner enter the Python loop.
+    have a partner enter the Python loop. ``mergeable: Bool[K]`` restricts merging to pairs with at
+    least one mergeable box (:func:`predict_sliced`: boxes cut by a tile border).
 
     Returns ``group: Long[K]`` with ``group[i] == i`` for the boxes kept.
 
@@ -126,6 +131,10 @@ def greedy_merge(
     n = boxes.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices
     ei, ej = _overlapping_pairs(boxes[order].float(), labels[order], threshold, metric)
+    if mergeable is not None and ei.numel():
+        m = mergeable.to(boxes.device)[order]
+        pair = m[ei] | m[ej]
+        ei, ej = ei[pair], ej[pair]
     group = np.arange(n)
     if ei.numel():
         ei, ej = ei.cpu().numpy(), ej.cpu().numpy()  # sorted by ei, then ej
@@ -143,12 +152,14 @@ def greedy_merge(
     return out
 
 
-def _merge(boxes: Tensor, scores: Tensor, labels: Tensor, merge: str, threshold: float, metric: str
+def _merge(boxes: Tensor, scores: Tensor, labels: Tensor, cut: Tensor, merge: str, threshold: float, metric: str
            ) -> tuple[Tensor, Tensor, Tensor]:
+    keep = torchvision.ops.batched_nms(boxes, scores, labels, threshold)
+    boxes, scores, labels, cut = boxes[keep], scores[keep], labels[keep], cut[keep]
     if merge == "nms":
-        keep = torchvision.ops.batched_nms(boxes, scores, labels, threshold)
-        return boxes[keep], scores[keep], labels[keep]
-    group = greedy_merge(boxes, scores, labels, threshold, metric=metric)
+        return boxes, scores, labels
+    # Only parts cut by a tile border merge: a union of two whole neighbours in a crowd is a wrong box.
+    group = greedy_merge(boxes, scores, labels, threshold, metric=metric, mergeable=cut)
     union = torch.cat((boxes[:, :2], -boxes[:, 2:]), dim=1)  # amin of (x1, y1, -x2, -y2): one reduction
     union = union.new_full(union.shape, float("inf")).scatter_reduce_(
         0, group[:, None].expand(-1, 4), union, reduce="amin", include_self=True)
@@ -260,12 +271,15 @@ def predict_sliced(
     also one pass over the image downscaled so its longer side is the tile size (large objects no
     tile holds whole); then merged with ``merge``:
 
-    * ``"greedy"`` (default, SAHI's): greedy merging (:func:`greedy_merge`): boxes of one class whose
-      ``match_metric`` (``"ios"``: intersection over the smaller box, or ``"iou"``) with a higher-scored
-      box is ``>= iou_threshold`` merge into their union with the highest score, so an object cut by
-      a tile border (a whole box in one tile, a part in the next) is one detection;
-    * ``"nms"``: class-wise NMS at ``iou_threshold`` (``torchvision.ops.batched_nms``): a part whose
-      IoU with the whole box is at most the threshold stays a second detection.
+    * ``"nms"``: class-wise NMS at ``iou_threshold`` (``torchvision.ops.batched_nms``): the same
+      object seen whole by two tiles is one detection, but a part whose IoU with the whole box is at
+      most the threshold stays a second detection;
+    * ``"greedy"`` (default): that NMS, then greedy merging (:func:`greedy_merge`, SAHI's GREEDYNMM)
+      restricted to boxes cut by a tile border (an edge within :data:`BORDER_PX` of a tile edge
+      inside the image): such a box and a box of its class whose ``match_metric`` (``"ios"``:
+      intersection over the smaller box, or ``"iou"``) with it is ``>= iou_threshold`` merge into
+      their union with the higher score, so an object cut by a border (a whole box in one tile, a
+      part in the next, or two parts) is one detection, while neighbours in a crowd stay apart.
 
     ``detections_per_tile`` raises (or lowers) the model's own per-image cap for the call
     (``detections_per_image``; restored afterwards): a crowded tile needs more than the default 100.
@@ -310,7 +324,7 @@ def predict_sliced(
     h, w = int(image.shape[1]), int(image.shape[2])
     windows = tile_grid(h, w, tile, overlap, dtype=torch.float64).long().tolist()
     device = _device_of(model, image.device)
-    boxes, scores, labels = [], [], []
+    boxes, scores, labels, cut = [], [], [], []
     with _inference(model, detections_per_tile):
         for start in range(0, len(windows), batch_size):
             chunk = windows[start : start + batch_size]
@@ -318,9 +332,14 @@ def predict_sliced(
             batch = torch.stack([image[:, y1:y2, x1:x2] for x1, y1, x2, y2 in chunk]).to(device)
             preds = model(_as_float(batch))
             del batch
-            for (x1, y1, _, _), p in zip(chunk, preds):
-                shift = torch.tensor([x1, y1, x1, y1], dtype=torch.float32, device=p["boxes"].device)
-                boxes.append(p["boxes"].float() + shift)
+            for (x1, y1, x2, y2), p in zip(chunk, preds):
+                b = p["boxes"].float()
+                shift = torch.tensor([x1, y1, x1, y1], dtype=torch.float32, device=b.device)
+                inner = torch.tensor([x1 > 0, y1 > 0, x2 < w, y2 < h], device=b.device)
+                near = torch.stack((b[:, 0] <= BORDER_PX, b[:, 1] <= BORDER_PX, b[:, 2] >= x2 - x1 - BORDER_PX,
+                                    b[:, 3] >= y2 - y1 - BORDER_PX), dim=1)
+                cut.append((near & inner).any(dim=1))
+                boxes.append(b + shift)
                 scores.append(p["scores"].float())
                 labels.append(p["labels"].long())
         if full_image and len(windows) > 1:
@@ -330,11 +349,13 @@ def predict_sliced(
             sy, sx = h / small.shape[-2], w / small.shape[-1]
             scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=p["boxes"].device)
             boxes.append(p["boxes"].float() * scale)
+            cut.append(torch.zeros(len(p["boxes"]), dtype=torch.bool, device=scale.device))
             scores.append(p["scores"].float())
             labels.append(p["labels"].long())
     all_boxes, all_scores, all_labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     if len(windows) > 1 or full_image:
-        all_boxes, all_scores, all_labels = _merge(all_boxes, all_scores, all_labels, merge, iou_threshold, match_metric)
+        all_boxes, all_scores, all_labels = _merge(all_boxes, all_scores, all_labels, torch.cat(cut), merge,
+                                                   iou_threshold, match_metric)
     order = torch.sort(all_scores, descending=True, stable=True).indices
     if max_detections is not None:
         order = order[:max_detections]

@@ -109,6 +109,15 @@ def test_crowded_scene_one_detection_per_object():
     assert got == sorted(zip(map(tuple, gt.tolist()), labels.tolist()))
 
 
+def test_overlapping_neighbours_no_border_cuts_stay_apart():
+    # Two same-class objects overlapping by half the smaller one, inside one tile: SAHI's plain
+    # greedy merge would join them into their union; only boxes cut by a tile border merge.
+    image = coordinate_image(100, 300)
+    gt = [[10.0, 10.0, 40.0, 40.0], [25.0, 15.0, 45.0, 35.0]]
+    out = predict_sliced(Oracle(gt, [0, 0], [0.9, 0.8]), image, tile=100, overlap=0.2, merge="greedy")
+    assert sorted(out["boxes"].tolist()) == sorted(gt)
+
+
 def test_batched_equals_tile_by_tile_exactly():
     image = coordinate_image(150, 230)
     g = torch.Generator().manual_seed(1)
