@@ -117,52 +117,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _sliced_predictions(model: Any, files: list[Path], args: argparse.Namespace, settings: dict[str, Any]) -> Any:
     """``(image, detections)`` per file, decoding each image only when its turn comes."""
+    from fewsight.data import load_image
     from fewsight.eval.evaluate import progress_bar
     from fewsight.models import predict_sliced
 
     with progress_bar(not args.quiet) as bar:
         task = bar.add_task("predict (tiles)", total=len(files))
         for f in files:
-            image = read_rgb8(f, args.max_pixels)
+            image = load_image(f, max_pixels=args.max_pixels, dtype=None)  # uint8: 3 bytes a pixel
             pred = predict_sliced(model, image, **settings)
             bar.advance(task)
             yield image, {k: v.detach().cpu() for k, v in pred.items()}
 
 
 def read_rgb8(path: Path, max_pixels: int | None) -> Any:
-    """``Tensor[3, H, W]`` uint8 RGB pixels of an image file, the values :func:`fewsight.data.load_image` scales
-    to ``[0, 1]`` (16-bit and 32-bit grayscale files: ``load_image``'s float result); the same errors.
+    """``load_image(path, max_pixels=max_pixels, dtype=None)``: uint8 RGB (float for 16/32-bit files).
 
-    Pillow's decoded image (4 bytes a pixel) is copied out in strips of about 16 MB, so the peak is the
-    decoded image plus the ``3 H W`` bytes of the result, not Pillow's whole-image ``tobytes`` copies.
+    Kept for callers of the name; the reader lives in :func:`fewsight.data.load_image`.
     """
-    import struct
-    import warnings
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
     from fewsight.data import load_image
-    from fewsight.data.dataset import read_image_size
-    from fewsight.errors import DataError
 
-    h, w = read_image_size(path, max_pixels=max_pixels)  # missing, not an image, too many pixels: DataError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is max_pixels, checked above
-            with Image.open(path) as im:
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # load_image scales these by their range
-                    return load_image(path, max_pixels=max_pixels)
-                im.load()
-                arr = np.empty((h, w, 3), dtype=np.uint8)
-                rows = max(1, (1 << 24) // (3 * w))
-                for y in range(0, h, rows):
-                    strip = im.crop((0, y, w, min(h, y + rows)))
-                    arr[y : y + rows] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
-        raise DataError(path, f"cannot decode image: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    return load_image(path, max_pixels=max_pixels, dtype=None)
 
 
 def _plot(image: Any, prediction: dict[str, Any], classes: list[str], path: Path, score_threshold: float) -> None:

@@ -12,8 +12,11 @@
   :data:`FORMATS` (the file formats and the generated datasets) with labels mapped onto given class
   names, :func:`infer_format` tells a path's format, :func:`get_format` returns its
   :class:`DatasetFormat` (reader, writer, detection).
-* :func:`train_transforms` / :func:`eval_transforms` (torchvision.transforms.v2) and
-  :func:`collate_detection` for ``DataLoader``.
+* :func:`apply_class_map` (``open_dataset(..., class_map=)``): rename, merge or drop classes as read.
+* :class:`TiledDataset`: tiles of large images (grid tiles or random crops), cut lazily, objects cut
+  below ``min_visibility`` given as ignore regions.
+* :func:`train_transforms` / :func:`eval_transforms` (torchvision.transforms.v2; :class:`RandomRot90`)
+  and :func:`collate_detection` for ``DataLoader``.
 
 Example:
     >>> from torch.utils.data import DataLoader
@@ -41,8 +44,9 @@ from fewsight.data.digits import (
     DigitsDataset,
 )
 from fewsight.data.export import export_dataset
-from fewsight.data.formats import FORMATS, DatasetFormat, get_format, infer_format, open_dataset
-from fewsight.data.transforms import eval_transforms, train_transforms
+from fewsight.data.formats import FORMATS, DatasetFormat, apply_class_map, get_format, infer_format, open_dataset
+from fewsight.data.tiled import TiledDataset
+from fewsight.data.transforms import RandomRot90, eval_transforms, train_transforms
 from fewsight.data.voc import VOC_CLASSES, VOCDataset, write_voc
 from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, write_yolo
 
@@ -59,9 +63,12 @@ __all__ = [
     "DetectionDataset",
     "DigitsDataset",
     "ImageFileDataset",
+    "RandomRot90",
     "RelabeledDataset",
+    "TiledDataset",
     "VOCDataset",
     "YOLODataset",
+    "apply_class_map",
     "collate_detection",
     "eval_transforms",
     "export_dataset",

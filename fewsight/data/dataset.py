@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -88,9 +89,51 @@ _PIL_ERRORS = (
 )  # fmt: skip
 
 
+#: Pillow checks an image's size against the module-global ``Image.MAX_IMAGE_PIXELS`` (warning above it,
+#: refusing above twice it) when a file is opened, when a TIFF prepares its pixel buffer at load time
+#: and on every crop; it has no per-call setting. An open allowed more pixels by ``max_pixels`` raises
+#: that global for its duration (:func:`_pillow_allows`); the lock guards the global and this record.
+_PILLOW_LOCK = threading.Lock()
+_raised_limits: list[int] = []  # the limits of the opens raising Pillow's now
+_pillow_own: list[int | None] = [None]  # Pillow's limit as set before the first of them
+
+
+def _pillow_limit() -> int | None:
+    """Pillow's limit as its user set it (not one raised for an open in progress in another thread)."""
+    with _PILLOW_LOCK:
+        return _pillow_own[0] if _raised_limits else Image.MAX_IMAGE_PIXELS
+
+
+@contextmanager
+def _pillow_allows(limit: int | None) -> Iterator[None]:
+    """Pillow's limit raised to at least ``limit`` for the ``with`` block (decoding included), then restored.
+
+    Nothing changes when Pillow's own limit already allows ``limit`` pixels. Concurrent opens keep the
+    highest limit asked for until the last one ends; meanwhile plain Pillow calls in other threads see
+    it too (Pillow has no per-call limit), and fewsight's own check still refuses what each caller's
+    ``max_pixels`` does not allow.
+    """
+    raised = False
+    with _PILLOW_LOCK:
+        own = _pillow_own[0] if _raised_limits else Image.MAX_IMAGE_PIXELS
+        if limit is not None and own is not None and limit > own:
+            if not _raised_limits:
+                _pillow_own[0] = own
+            _raised_limits.append(limit)
+            Image.MAX_IMAGE_PIXELS = max(_raised_limits)
+            raised = True
+    try:
+        yield
+    finally:
+        if raised:
+            with _PILLOW_LOCK:
+                _raised_limits.remove(limit)  # type: ignore[arg-type]
+                Image.MAX_IMAGE_PIXELS = max(_raised_limits) if _raised_limits else _pillow_own[0]
+
+
 def _pixel_limit(max_pixels: int | None) -> int | None:
     if max_pixels is None:
-        return Image.MAX_IMAGE_PIXELS  # read on each call: a caller may have changed Pillow's limit
+        return _pillow_limit()  # read on each call: a caller may have changed Pillow's limit
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise InvalidArgumentError(f"max_pixels: expected a positive int or None, got {max_pixels!r}")
     return max_pixels
@@ -102,60 +145,103 @@ def _open_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
 
     An image of more than ``max_pixels`` pixels (``None``: Pillow's ``Image.MAX_IMAGE_PIXELS``) is
     refused before any pixel is decoded, whether Pillow would have warned about it or refused it;
-    Pillow's ``DecompressionBombWarning`` is not emitted (the ``DataError`` says it, or ``max_pixels``
-    allowed the image).
+    one within ``max_pixels`` opens and decodes inside the ``with`` block even above Pillow's own
+    limit (:func:`_pillow_allows`). Pillow's ``DecompressionBombWarning`` is not emitted (the
+    ``DataError`` says it, or ``max_pixels`` allowed the image).
     """
     if not path.is_file():
         raise DataError(path, "image file not found")
     limit = _pixel_limit(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            w, h = im.size
-            if limit is not None and w * h > limit:
-                raise DataError(
-                    path,
-                    f"cannot read image: expected at most {limit} pixels, got {w}x{h} = {w * h} "
-                    "(refused as a possible decompression bomb)",
-                )
-            yield im
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(path, f"cannot read image: expected at most {limit} pixels, got more ({exc})") from None
-    except UnidentifiedImageError:
-        raise DataError(path, "cannot read image: expected an image file, got data of no format Pillow knows") from None
-    except _PIL_ERRORS as exc:
-        raise DataError(path, f"cannot decode image: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
+    with _pillow_allows(limit):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
+                w, h = im.size
+                if limit is not None and w * h > limit:
+                    raise DataError(
+                        path,
+                        f"cannot read image: expected at most {limit} pixels, got {w}x{h} = {w * h} "
+                        "(refused as a possible decompression bomb)",
+                    )
+                yield im
+        except DataError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(path, f"cannot read image: expected at most {limit} pixels, got more ({exc})") from None
+        except UnidentifiedImageError:
+            raise DataError(
+                path, "cannot read image: expected an image file, got data of no format Pillow knows") from None
+        except _PIL_ERRORS as exc:
+            raise DataError(
+                path, f"cannot decode image: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
 
 
-def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
-    """Decode an image file to ``Tensor[3, H, W]`` float32 in ``[0, 1]`` (RGB; alpha dropped).
+#: Modes of more than 8 bits a sample, which RGB conversion would saturate.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+#: Bytes of decoded pixels copied out per strip: Pillow's whole-image ``tobytes`` would double the peak.
+_STRIP_BYTES = 1 << 24
+_DTYPES = (torch.float32, torch.uint8, None)
+
+
+def _rgb8(im: Image.Image) -> np.ndarray:
+    """The RGB pixels of a decoded 8-bit image as ``uint8[3, H, W]``, copied out in strips of about 16 MB.
+
+    Each strip is converted and transposed on its own, so the peak is Pillow's decoded image plus
+    the ``3 H W`` bytes of the result.
+    """
+    w, h = im.size
+    out = np.empty((3, h, w), dtype=np.uint8)
+    rows = max(1, _STRIP_BYTES // (3 * max(w, 1)))
+    for y in range(0, h, rows):
+        strip = im.crop((0, y, w, min(h, y + rows)))
+        out[:, y : y + rows] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB")).transpose(2, 0, 1)
+    return out
+
+
+def load_image(
+    path: str | Path, *, max_pixels: int | None = None, dtype: torch.dtype | None = torch.float32
+) -> Tensor:
+    """Decode an image file to ``Tensor[3, H, W]`` (RGB; alpha dropped): float32 in ``[0, 1]`` by default.
 
     Grayscale, palette and RGBA files are converted to RGB. EXIF orientation is ignored, as in
     ``torchvision.io.decode_image``: annotations refer to the stored pixel grid.
-    Raises :class:`~fewsight.errors.DataError` naming the file when it is missing, not an image,
-    truncated or corrupt, or larger than ``max_pixels`` pixels (``None``: Pillow's
-    ``Image.MAX_IMAGE_PIXELS``; Pillow itself refuses twice its limit whatever ``max_pixels`` says).
+
+    ``dtype``: ``torch.float32`` (default); ``torch.uint8``, the 8-bit values the float image is
+    ``/ 255`` of (a quarter of the memory: 3 bytes a pixel; 16/32-bit grayscale is rounded to 8
+    bits); ``None``, ``uint8`` when that is exact and float32 for 16/32-bit grayscale (large images at
+    full precision: what sliced inference takes). The pixels are copied out of Pillow in strips, so
+    the peak is Pillow's decoded image plus the result.
+
+    ``max_pixels``: the largest image read, in pixels (``None``: Pillow's ``Image.MAX_IMAGE_PIXELS``);
+    it is authoritative: a larger image is refused before decoding, a smaller one is read even above
+    Pillow's own limit (TIFF included). Raises :class:`~fewsight.errors.DataError` naming the file when
+    it is missing, not an image, truncated or corrupt, or larger than ``max_pixels``.
 
     >>> import tempfile, os
     >>> from PIL import Image
     >>> p = os.path.join(tempfile.mkdtemp(), "a.png"); Image.new("RGB", (5, 3), (255, 0, 0)).save(p)
-    >>> load_image(p).shape, load_image(p)[0, 0, 0].item()
-    (torch.Size([3, 3, 5]), 1.0)
+    >>> load_image(p).shape, load_image(p)[0, 0, 0].item(), load_image(p, dtype=torch.uint8)[0, 0, 0].item()
+    (torch.Size([3, 3, 5]), 1.0, 255)
     """
+    if dtype not in _DTYPES:
+        raise InvalidArgumentError(f"dtype: expected one of {_DTYPES}, got {dtype!r}")
     path = Path(path)
     with _open_image(path, max_pixels) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if im.mode in _WIDE_MODES:
             # 16/32-bit grayscale: PIL's RGB conversion would saturate; scale by the type's range.
             arr = np.asarray(im, dtype=np.float32)
             arr = arr / (65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0))
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        rgb = np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only buffers
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().float().div_(255.0)
+            gray = torch.from_numpy(arr)
+            if dtype is torch.uint8:
+                gray = gray.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            return gray.unsqueeze(0).repeat(3, 1, 1)
+        im.load()
+        rgb = torch.from_numpy(_rgb8(im))
+    if dtype is torch.float32:
+        return rgb.float().div_(255.0)
+    return rgb
 
 
 def read_image_size(path: str | Path, *, full: bool = False, max_pixels: int | None = None) -> tuple[int, int]:
@@ -197,6 +283,32 @@ def save_image(image: Tensor, path: str | Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format=fmt)
     atomic_write_bytes(buffer.getvalue(), path)
+
+
+#: Suffixes of annotation files, named first when a message lists what a folder holds.
+_LABEL_SUFFIXES = (".xml", ".txt", ".json", ".csv", ".yaml", ".yml")
+
+
+def _describe_files(folder: Path, examples: int = 3) -> str:
+    """What ``folder`` holds, for a message: ``"12 files in DIR: 10 .jpg, 2 .txt (classes.txt, a.txt)"``.
+
+    Counts by suffix (most frequent first); the examples are annotation-like files when there are some.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"no folder {folder}"
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if not files:
+        return f"no files in {folder}"
+    counts: dict[str, int] = {}
+    for name in files:
+        suffix = Path(name).suffix.lower() or "(no suffix)"
+        counts[suffix] = counts.get(suffix, 0) + 1
+    kinds = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    labelled = [n for n in files if Path(n).suffix.lower() in _LABEL_SUFFIXES]
+    shown = (labelled or files)[:examples]
+    more = ", ..." if len(labelled or files) > examples else ""
+    return f"{len(files)} file(s) in {folder}: {kinds} ({', '.join(shown)}{more})"
 
 
 def check_index(index: Any, n: int) -> int:

@@ -11,6 +11,9 @@ writers, and a new format is added in one place.
 * :func:`open_dataset` reads a path in its format and, given ``classes`` (a model's class list),
   expresses the labels against that list by class name: a file may hold a subset of those classes,
   and a class the list lacks is an error naming the file.
+* :func:`apply_class_map` (``open_dataset(..., class_map=...)``) renames, merges or drops classes by
+  name as a dataset is read: ``{old: new}`` renames, several olds onto one new merge, ``{old: None}``
+  drops that class's boxes (its images stay, as background where nothing else is left).
 * :func:`get_format` looks a format up; :data:`FORMATS` lists the names.
 
 Example:
@@ -29,20 +32,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fewsight.data.coco import COCODataset, write_coco
 from fewsight.data.csvfile import CSVDataset, write_csv
-from fewsight.data.dataset import DetectionDataset, ImageFileDataset, Target
-from fewsight.data.digits import DigitsDataset
-from fewsight.data.voc import VOCDataset, write_voc
+import numpy as np
+
+from fewsight.data.dataset import DetectionDataset, ImageFileDataset, RelabeledDataset, Target
+from fewsight.data.digits import DigitsDataset, LargeDigitsDataset
+from fewsight.data.voc import VOCDataset, voc_layout, write_voc
 from fewsight.data.yolo import IMAGE_EXTENSIONS, YOLODataset, _class_file, _default_label_dir, write_yolo
 from fewsight.errors import DataError, InvalidArgumentError
 
-__all__ = ["FORMATS", "DatasetFormat", "get_format", "infer_format", "open_dataset"]
+__all__ = ["FORMATS", "DatasetFormat", "apply_class_map", "check_class_map", "get_format", "infer_format",
+           "open_dataset"]
+
+logger = logging.getLogger("fewsight.data")
 
 #: ``reader(path, images, classes, options)``: the dataset, labels indexing ``classes`` when given.
 Reader = Callable[[Path | None, Path | None, Any, dict[str, Any]], Any]
@@ -146,6 +155,12 @@ def _read_digits(path: Path | None, images: Path | None, classes: Any, options: 
     return DigitsDataset(classes=classes, **options)
 
 
+def _read_digits_large(path: Path | None, images: Path | None, classes: Any, options: dict[str, Any]) -> Any:
+    if path is not None and str(path) != "digits_large":
+        raise InvalidArgumentError(f"path: expected 'digits_large' or None with format 'digits_large', got {str(path)!r}")
+    return LargeDigitsDataset(classes=classes, **options)
+
+
 def _read_emoji(path: Path | None, images: Path | None, classes: Any, options: dict[str, Any]) -> Any:
     from fewsight.data.emoji import DEFAULT_ROOT, EmojiLogosDataset  # on use: `import fewsight.data` stays emoji-free
 
@@ -186,7 +201,7 @@ def _is_csv(path: Path) -> bool:
 
 
 def _is_voc(path: Path) -> bool:
-    return path.is_dir() and (path / "Annotations").is_dir()
+    return voc_layout(path) is not None  # Annotations/ + JPEGImages/, or *.xml beside the images (LabelImg)
 
 
 def _is_emoji(path: Path) -> bool:
@@ -214,6 +229,10 @@ _REGISTRY: dict[str, DatasetFormat] = {
             "the word 'digits' (MNIST digits drawn on canvases)", generated=True,
         ),
         DatasetFormat(
+            "digits_large", "fewsight.data.digits:LargeDigitsDataset", _read_digits_large,
+            "the word 'digits_large' (2,048 px canvases of 100-300 small MNIST digits)", generated=True,
+        ),
+        DatasetFormat(
             "emoji", "fewsight.data.emoji.datasets:EmojiLogosDataset", _read_emoji,
             "an emoji-logos folder with google/ and twitter/ emoji.json (make emoji-data), or the word 'emoji'",
             detect=_is_emoji, fixed=("root", "classes"), generated=True,
@@ -224,7 +243,7 @@ _REGISTRY: dict[str, DatasetFormat] = {
         ),
         DatasetFormat(
             "voc", "fewsight.data.voc:VOCDataset", _read_voc,
-            "a Pascal VOC folder with Annotations/*.xml and JPEGImages/",
+            "a Pascal VOC folder with Annotations/*.xml and JPEGImages/, or *.xml files beside their images",
             detect=_is_voc, writer=_write_voc, image_folder="JPEGImages", fixed=("root", "classes"),
         ),
         DatasetFormat(
@@ -261,7 +280,8 @@ def _expected() -> str:
 def infer_format(path: str | Path) -> str:
     """The name of the format of ``path``, from what is on disk.
 
-    A ``.json`` file is ``coco``, a ``.csv`` file ``csv``; a folder with ``Annotations/`` is ``voc``,
+    A ``.json`` file is ``coco``, a ``.csv`` file ``csv``; a folder with ``Annotations/`` or with
+    ``*.xml`` files beside its images (:func:`~fewsight.data.voc.voc_layout`) is ``voc``,
     one with ``google/emoji.json`` and ``twitter/emoji.json`` is ``emoji``, and one of images with
     their ``.txt`` labels (``DIR/images`` + ``DIR/labels``, or side by side) is ``yolo``. The words
     ``"digits"`` and ``"emoji"`` name the generated datasets when no such file or folder exists.
@@ -294,6 +314,7 @@ def open_dataset(
     *,
     classes: Sequence[str | int] | str | None = None,
     images: str | Path | None = None,
+    class_map: Mapping[Any, Any] | None = None,
     **options: Any,
 ) -> DetectionDataset:
     """Read the dataset at ``path`` in ``format`` (default: :func:`infer_format`).
@@ -310,6 +331,10 @@ def open_dataset(
             datasets, the classes to draw, in label order (whatever their ``classes`` argument takes).
         images: the folder COCO ``file_name`` / CSV image paths are relative to (default: the
             annotation file's folder); only for ``coco`` and ``csv``.
+        class_map: ``{name: new name or None}`` applied as the file is read (:func:`apply_class_map`),
+            before the labels are mapped onto ``classes`` (file formats: the file is read with its own
+            classes, mapped, then expressed against ``classes``; generated datasets: drawn with
+            ``classes``, then mapped).
         options: keyword arguments of the format's dataset class (:meth:`DatasetFormat.option_names`),
             e.g. ``on_error="skip"``, ``transforms``; ``split``, ``num_images``, ``seed`` for the
             generated datasets. An unknown option raises :class:`~fewsight.errors.InvalidArgumentError`.
@@ -342,4 +367,91 @@ def open_dataset(
         classes = list(classes)
         if len(set(classes)) != len(classes):
             raise InvalidArgumentError(f"classes: expected distinct class names, got {classes}")
-    return fmt.reader(p, None if images is None else Path(images), classes, dict(options))
+    image_dir = None if images is None else Path(images)
+    if class_map is None:
+        return fmt.reader(p, image_dir, classes, dict(options))
+    class_map = check_class_map(class_map)
+    if fmt.generated:
+        return apply_class_map(fmt.reader(p, image_dir, classes, dict(options)), class_map)
+    dataset = apply_class_map(fmt.reader(p, image_dir, None, dict(options)), class_map)
+    try:
+        return _onto(dataset, classes, p)  # type: ignore[arg-type]
+    except DataError as exc:
+        raise DataError(exc.path, f"{exc.reason} (after class_map; map such a class to one of them, or to null to "
+                                  f"drop it)") from None
+
+
+# -- class maps ------------------------------------------------------------------------------------
+def check_class_map(class_map: Any) -> dict[str, str | None]:
+    """``class_map`` as ``{str: str | None}`` (int names, as YAML reads ``0: zero``, become strings).
+
+    >>> check_class_map({0: "zero", "car": "vehicle", "bus": None})
+    {'0': 'zero', 'car': 'vehicle', 'bus': None}
+    """
+    if not isinstance(class_map, Mapping):
+        raise InvalidArgumentError(f"class_map: expected a mapping {{name: new name or null}}, got {class_map!r}")
+    out: dict[str, str | None] = {}
+    for key, value in class_map.items():
+        for part, v in (("class name", key), ("new class name", value)):
+            if part == "new class name" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (str, int)) or str(v) == "":
+                raise InvalidArgumentError(f"class_map[{key!r}]: expected a {part} (a string or int"
+                                           f"{' or null to drop the class' if part == 'new class name' else ''}), got {v!r}")
+        if str(key) in out:
+            raise InvalidArgumentError(f"class_map: expected distinct names, got {key!r} twice")
+        out[str(key)] = None if value is None else str(value)
+    return out
+
+
+def _class_lookup(classes: Sequence[str], class_map: Mapping[str, str | None]) -> tuple[list[str], list[int]]:
+    """New class names (first-appearance order) and ``old label -> new label`` (``-1``: dropped)."""
+    names: list[str] = []
+    lookup: list[int] = []
+    for old in classes:
+        new = class_map.get(old, old)
+        if new is None:
+            lookup.append(-1)
+            continue
+        if new not in names:
+            names.append(new)
+        lookup.append(names.index(new))
+    return names, lookup
+
+
+def apply_class_map(dataset: Any, class_map: Mapping[Any, Any]) -> Any:
+    """Rename, merge or drop the classes of ``dataset`` by name: ``{old: new}`` renames, several olds
+    onto one new merge, ``{old: None}`` drops that class's boxes. Classes not named keep their name;
+    the new class list keeps the order of first appearance. Images whose boxes are all dropped stay,
+    as background images. Names the dataset lacks are ignored (a map shared by splits that do not all
+    hold every class), with a log warning.
+
+    A file dataset (:class:`~fewsight.data.ImageFileDataset`) is changed in place and returned, so it
+    keeps its image sizes, paths and skip records; any other dataset is wrapped in a
+    :class:`~fewsight.data.RelabeledDataset` view.
+
+    >>> from fewsight.data import DigitsDataset
+    >>> ds = apply_class_map(DigitsDataset("val", 4, classes=[1, 2, 3]), {1: "odd", 3: "odd", 2: None})
+    >>> ds.classes, set(ds[0][1]["labels"].tolist()) <= {0}
+    (['odd'], True)
+    """
+    class_map = check_class_map(class_map)
+    old = [str(c) for c in dataset.classes]
+    missing = [k for k in class_map if k not in old]
+    if missing:
+        logger.warning("class_map: %s not among the classes %s of %s (ignored)", missing, old, type(dataset).__name__)
+    names, lookup = _class_lookup(old, class_map)
+    if not isinstance(dataset, ImageFileDataset):
+        return RelabeledDataset(dataset, lookup, names)
+    # In place on the reader's flat arrays (the layout ImageFileDataset._index builds): relabel, drop
+    # the unmapped boxes, recount each image's boxes.
+    table = np.array(lookup, dtype=np.int64).reshape(-1)
+    labels = table[dataset._labels] if len(table) else np.zeros(0, np.int64)
+    keep = labels >= 0
+    owner = np.repeat(np.arange(len(dataset)), np.diff(dataset._offsets))
+    counts = np.bincount(owner[keep], minlength=len(dataset)).astype(np.int64)
+    dataset._boxes = dataset._boxes[keep]
+    dataset._labels = labels[keep]
+    dataset._offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    dataset.classes = names
+    return dataset

@@ -1,4 +1,8 @@
-"""Pascal VOC XML annotations: :class:`VOCDataset` reader and :func:`write_voc` writer.
+"""Pascal VOC XML annotations: :class:`VOCDataset` reader, :func:`write_voc` writer, :func:`voc_layout`.
+
+Layouts read (:func:`voc_layout`): the standard ``Annotations/*.xml`` + ``JPEGImages/``; LabelImg's
+default, each ``a.xml`` beside its image ``a.jpg``; ``annotations/*.xml`` (or XML files in the
+folder itself) with the images in ``images/`` or ``JPEGImages/``.
 
 VOC pixel coordinates are 1-based and inclusive; like detectron2 we convert them to pixel-edge
 xyxy with ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax`` (the writer does the inverse), so a
@@ -28,15 +32,64 @@ from typing import Any
 import numpy as np
 
 from fewsight._io import atomic_write_bytes, read_text, short_repr
-from fewsight.data.dataset import ImageFileDataset, Target, _Entry
+from fewsight.data.dataset import ImageFileDataset, Target, _Entry, _describe_files
+from fewsight.data.yolo import IMAGE_EXTENSIONS
 from fewsight.errors import DataError, InvalidArgumentError
 
-__all__ = ["VOC_CLASSES", "VOCDataset", "write_voc"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "voc_layout", "write_voc"]
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+
+
+def _has_suffix(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in suffixes and p.is_file() for p in folder.iterdir())
+
+
+def voc_layout(root: str | Path) -> tuple[Path, Path] | None:
+    """``(annotation folder, image folder)`` of a Pascal VOC dataset at ``root``; ``None`` if it is none.
+
+    In order: ``root/Annotations`` (with ``root/JPEGImages``: the standard layout); else the first of
+    ``root/annotations`` and ``root`` that holds ``*.xml`` files, with the images beside them
+    (LabelImg's default) or, when none are, in ``root/JPEGImages`` or ``root/images``.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for name in ("a.jpg", "a.xml"):
+    ...     _ = (root / name).write_bytes(b"")
+    >>> voc_layout(root) == (root, root), voc_layout(root / "nothing")
+    (True, None)
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    if (root / "Annotations").is_dir():
+        return root / "Annotations", root / "JPEGImages"
+    for ann in (root / "annotations", root):
+        if not _has_suffix(ann, (".xml",)):
+            continue
+        if _has_suffix(ann, IMAGE_EXTENSIONS):
+            return ann, ann
+        for name in ("JPEGImages", "images"):
+            if (root / name).is_dir():
+                return ann, root / name
+        return ann, ann  # images named by the XML files are missing: reading names the first
+    return None
+
+
+def _image_of(xml: Path, filename: str, img_path: Path) -> Path:
+    """The image of an annotation: ``<filename>`` in the image folder, else the file named like the XML
+    with an image suffix (a LabelImg folder whose images were renamed or converted)."""
+    named = img_path / filename if filename else None
+    if named is not None and named.is_file():
+        return named
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (img_path / f"{xml.stem}{ext}", img_path / f"{xml.stem}{ext.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return named if named is not None else img_path / f"{xml.stem}.jpg"
 
 
 class _Parsed:
@@ -47,7 +100,8 @@ class _Parsed:
 
 
 class VOCDataset(ImageFileDataset):
-    """A Pascal VOC style folder: ``root/Annotations/*.xml`` and ``root/JPEGImages/<filename>``.
+    """A Pascal VOC style folder: ``root/Annotations/*.xml`` and ``root/JPEGImages/<filename>``, or XML
+    files beside their images (LabelImg): see :func:`voc_layout`.
 
     Args:
         root: dataset folder.
@@ -57,11 +111,14 @@ class VOCDataset(ImageFileDataset):
             is an error naming the class and the file. ``None``: the sorted names found.
         keep_difficult: keep objects flagged ``<difficult>1</difficult>`` (left out by default, as
             VOC evaluation ignores them).
-        ann_dir, image_dir: sub-folders of ``root`` (or absolute paths).
+        ann_dir, image_dir: sub-folders of ``root`` (or absolute paths); ``None``: as :func:`voc_layout`
+            finds them (``Annotations`` / ``JPEGImages`` when it finds no layout).
         transforms, on_error, verify_images, min_size, max_pixels: see :class:`ImageFileDataset`.
 
+    An XML names its image by ``<filename>`` in the image folder (else the image named like the XML).
     An XML without ``<object>`` is an image without objects (empty target). Errors
-    (:class:`~fewsight.errors.DataError` naming the file): a missing or malformed XML (text is
+    (:class:`~fewsight.errors.DataError` naming the file): no VOC layout at ``root`` or no ``*.xml`` in
+    the annotation folder (naming the files found instead), a missing or malformed XML (text is
     decoded as its XML declaration says, UTF-8 without one; bytes that do not decode are malformed),
     an object without a name or with a missing / non-numeric ``bndbox`` coordinate, an unknown
     class, a missing or unreadable image. A box with a non-finite coordinate (``inf``, ``nan``) is
@@ -75,8 +132,8 @@ class VOCDataset(ImageFileDataset):
         image_set: str | None = None,
         classes: Sequence[str] | None = None,
         keep_difficult: bool = False,
-        ann_dir: str | Path = "Annotations",
-        image_dir: str | Path = "JPEGImages",
+        ann_dir: str | Path | None = None,
+        image_dir: str | Path | None = None,
         transforms: Callable[..., Any] | None = None,
         on_error: str = "raise",
         verify_images: bool = False,
@@ -85,8 +142,13 @@ class VOCDataset(ImageFileDataset):
     ) -> None:
         root = Path(root)
         self.root = root
-        ann_path = root / ann_dir
-        img_path = root / image_dir
+        layout = voc_layout(root) if ann_dir is None or image_dir is None else None
+        if ann_dir is None and layout is None and image_set is None:
+            raise DataError(root / "Annotations", "annotation folder not found: expected Annotations/*.xml and "
+                            f"JPEGImages/, or *.xml files beside their images; got {_describe_files(root)}")
+        ann_path = (layout[0] if layout else root / "Annotations") if ann_dir is None else root / ann_dir
+        img_path = (layout[1] if layout else root / "JPEGImages") if image_dir is None else root / image_dir
+        self.ann_dir, self.image_dir = ann_path, img_path
         # Classes may be inferred from the files, so parse first with a provisional base init.
         super().__init__(
             list(classes) if classes is not None else [],
@@ -103,7 +165,10 @@ class VOCDataset(ImageFileDataset):
         else:
             if not ann_path.is_dir():
                 raise DataError(ann_path, "annotation folder not found")
-            xml_files = sorted(ann_path.glob("*.xml"))
+            xml_files = sorted(p for p in ann_path.iterdir() if p.suffix.lower() == ".xml" and p.is_file())
+            if not xml_files:
+                # Never an empty dataset from a folder of something else (YOLO .txt labels, a COCO .json).
+                raise DataError(ann_path, f"expected Pascal VOC *.xml annotation files, got {_describe_files(ann_path)}")
 
         parsed: list[_Parsed] = []
         for xml in xml_files:
@@ -142,7 +207,7 @@ class VOCDataset(ImageFileDataset):
         except (OSError, RecursionError, ValueError) as exc:
             raise DataError(xml, f"cannot read XML ({type(exc).__name__}: {exc})") from None
         ann = tree.getroot()
-        filename = (ann.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
+        filename = (ann.findtext("filename") or "").strip()
         boxes: list[list[float]] = []
         names: list[str] = []
         for k, obj in enumerate(ann.iter("object")):
@@ -167,7 +232,7 @@ class VOCDataset(ImageFileDataset):
             xmin, ymin, xmax, ymax = coords
             boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
             names.append(name)
-        return _Parsed(xml, img_path / filename, boxes, names)
+        return _Parsed(xml, _image_of(xml, filename, img_path), boxes, names)
 
 
 def _fmt(v: float) -> str:

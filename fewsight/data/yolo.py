@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fewsight._io import atomic_write_bytes, read_text, short_repr
-from fewsight.data.dataset import ImageFileDataset, Target, _Entry
+from fewsight.data.dataset import ImageFileDataset, Target, _describe_files, _Entry
 from fewsight.errors import DataError, InvalidArgumentError
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_CLASS_ID", "YOLODataset", "read_class_names", "write_yolo"]
@@ -107,6 +107,27 @@ def _class_file(image_dir: Path, label_dir: Path) -> Path | None:
     return None
 
 
+def _refuse_other_labels(image_dir: Path, label_dir: Path, num_images: int) -> None:
+    """Raise :class:`~fewsight.errors.DataError` when no image has a label file but the folders hold
+    annotation-like files: images without labels are right for an unlabelled folder, and silently wrong
+    for one labelled in another format (LabelImg's ``.xml`` beside the images, a COCO ``.json``)."""
+    found = []
+    for folder in dict.fromkeys((label_dir, image_dir)):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.suffix.lower() in (".xml", ".json", ".txt") and p.is_file()]
+    if not found:
+        return
+    suffixes = {p.suffix.lower() for p in found}
+    hint = ""
+    if ".xml" in suffixes:
+        hint = "; .xml files are Pascal VOC annotations: read the folder with format 'voc'"
+    elif ".json" in suffixes:
+        hint = "; a .json file may be COCO annotations: read that file with format 'coco'"
+    where = found[0].parent
+    raise DataError(label_dir, f"expected a YOLO label file <image name>.txt for some of the {num_images} image(s) "
+                    f"in {image_dir}, got none; found {_describe_files(where)}{hint}")
+
+
 class YOLODataset(ImageFileDataset):
     """Images of a folder with YOLO txt labels.
 
@@ -123,8 +144,9 @@ class YOLODataset(ImageFileDataset):
     Errors (:class:`~fewsight.errors.DataError` naming the file and line): a label file that is not
     UTF-8, a line that is not ``class cx cy w h`` numbers (or a polygon), a class id that is not an
     integer in ``[0, len(classes))`` (in ``[0, MAX_CLASS_ID]`` without names), a names file with a
-    repeated name, a missing image folder, an unreadable image. Boxes with a non-finite value are
-    dropped and counted in ``num_boxes_dropped``.
+    repeated name, a missing image folder, an unreadable image, no label file for any image while the
+    folders hold other annotation files (``.xml``, ``.json``, ``.txt``: another format, never read as
+    images without objects). Boxes with a non-finite value are dropped and counted in ``num_boxes_dropped``.
     """
 
     def __init__(
@@ -156,6 +178,8 @@ class YOLODataset(ImageFileDataset):
         )
         self.image_dir, self.label_dir = image_dir, label_dir
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if images and not any((label_dir / f"{img.stem}.txt").is_file() for img in images):
+            _refuse_other_labels(image_dir, label_dir, len(images))
 
         parsed: list[tuple[Path, Path, np.ndarray, np.ndarray]] = []
         for img in images:

@@ -1,6 +1,7 @@
 """fewsight.fewshot: new classes from a few boxed examples, and the protocols that measure it.
 
-* :func:`sample_support` / :class:`SupportSet` — seeded k-shot support sets.
+* :func:`sample_support` / :class:`SupportSet` — seeded k-shot support sets; :func:`tile_support` cuts
+  one into the tiles that hold its boxes (support images larger than the model's input).
 * :class:`EnrollSettings`, :func:`enroll`, :func:`enroll_support`, :func:`enroll_from_dataset` —
   enrollment without gradient steps, one set of settings for the API and the command line.
 * :func:`finetune` — optional few steps of the detector's own loss on a balanced support set.
@@ -16,7 +17,7 @@ from fewsight.fewshot.enroll import EnrollSettings, enroll, enroll_from_dataset,
 from fewsight.fewshot.finetune import finetune
 from fewsight.fewshot.protocol import FewShotResult, mean_interval, run_fewshot
 from fewsight.fewshot.rescorer import CropRescorer
-from fewsight.fewshot.support import SupportSet, sample_support
+from fewsight.fewshot.support import SupportSet, sample_support, tile_support
 
 __all__ = [
     "CropEmbedder",
@@ -32,4 +33,5 @@ __all__ = [
     "mean_interval",
     "run_fewshot",
     "sample_support",
+    "tile_support",
 ]

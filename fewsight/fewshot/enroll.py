@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError
 from fewsight.eval import model_device
-from fewsight.fewshot.support import SupportSet, all_boxes_support, sample_support
+from fewsight.fewshot.support import SupportSet, all_boxes_support, sample_support, tile_support
 
 __all__ = ["EnrollSettings", "enroll", "enroll_from_dataset", "enroll_support"]
 
@@ -85,12 +85,17 @@ def enroll_from_dataset(
     k: int | None = None,
     seed: int = 0,
     settings: EnrollSettings | None = None,
+    tile: int | Sequence[int] | None = None,
+    overlap: float = 0.2,
 ) -> list[int]:
     """Enroll classes of ``dataset`` (by name) into ``model`` from its boxes.
 
     ``names``: the dataset classes to enroll (default: every dataset class the model does not know).
     ``k``: use ``k`` sampled instances per class (:func:`~fewsight.fewshot.sample_support` with ``seed``);
     default: every box of those classes. Boxes of other classes are ignored. Returns the new class indices.
+    ``tile``: embed each box from the ``tile``-pixel tile (overlapping by ``overlap``) that shows it best
+    (:func:`~fewsight.fewshot.tile_support`), for support images larger than the model's input whose
+    objects would shrink with the whole image; ``None``: whole images.
 
     Raises:
         InvalidArgumentError: a name the dataset does not have, or one the model already knows.
@@ -109,4 +114,7 @@ def enroll_from_dataset(
         raise InvalidArgumentError(f"names: expected classes of the support dataset {classes}, got {absent}")
     wanted = [classes.index(n) for n in names]
     support = sample_support(dataset, wanted, k, seed) if k is not None else all_boxes_support(dataset, wanted)
+    if tile is not None:
+        tiles, support = tile_support(dataset, support, tile, overlap)
+        return enroll_support(model, tiles, support, names, settings)
     return enroll_support(model, support.images(dataset), support, names, settings)

@@ -1,4 +1,5 @@
-"""Seeded k-shot support sets: ``k`` annotated instances per class drawn from a dataset.
+"""Seeded k-shot support sets: ``k`` annotated instances per class drawn from a dataset, and
+:func:`tile_support`, the same set cut into the tiles that hold its boxes (large support images).
 
 Example:
     >>> from fewsight.data import DigitsDataset
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fewsight.data import ImageFileDataset, load_image
 from fewsight.errors import InvalidArgumentError
+from fewsight.geometry import tile_grid, tile_targets
 
-__all__ = ["SupportSet", "all_boxes_support", "sample_support"]
+__all__ = ["SupportSet", "all_boxes_support", "sample_support", "tile_support"]
 
 
 @dataclass
@@ -91,3 +94,72 @@ def all_boxes_support(dataset: Any, classes: Sequence[int]) -> SupportSet:
             indices.append(i)
             targets.append({"boxes": t["boxes"], "labels": labels})
     return SupportSet(indices, targets, classes, 0)
+
+
+def _full_image(dataset: Any, index: int) -> Tensor:
+    """Image ``index`` of ``dataset``; a file dataset's decoded as uint8 (3 bytes a pixel, not a float's 12)."""
+    if isinstance(dataset, ImageFileDataset) and dataset.transforms is None:
+        return load_image(dataset.image_path(index), max_pixels=dataset.max_pixels, dtype=None)
+    return dataset[index][0]
+
+
+def tile_support(dataset: Any, support: SupportSet, tile: int | Sequence[int], overlap: float = 0.2
+                 ) -> tuple[list[Tensor], SupportSet]:
+    """``support`` cut into tiles: each support box taken from the one tile that shows it best.
+
+    The tiles of each support image are :func:`~fewsight.geometry.tile_grid`'s (``tile`` pixels, an
+    int or ``(h, w)``, overlapping by ``overlap``: the windows sliced inference runs on). A support
+    box (label ``>= 0``) is taken from the tile holding the largest part of it (the whole box when a
+    tile holds it whole), ties going to the tile whose centre is nearest the box's, then to the
+    first; each tile chosen for some box becomes one support image (float in ``[0, 1]``), its target
+    every box visible in it clipped to it (:func:`~fewsight.geometry.tile_targets`), labelled where the
+    tile was chosen for that box and ``-1`` (ignored: neither example nor background) otherwise.
+    So enrollment sees the objects of an image larger than the model's input at their own scale,
+    each once, and equals enrollment from those tiles saved as images.
+
+    Returns ``(tiles, SupportSet)``: the tile images and a support set whose ``indices`` repeat the
+    source image of each tile.
+
+    >>> import torch
+    >>> from fewsight.data import RelabeledDataset
+    >>> class Big:  # one 100 x 300 image, a box at x 130-150
+    ...     classes = ["a"]
+    ...     def __len__(self): return 1
+    ...     def __getitem__(self, i):
+    ...         return torch.rand(3, 100, 300), {"boxes": torch.tensor([[130., 10., 150., 30.]]), "labels": torch.tensor([0])}
+    >>> tiles, s = tile_support(Big(), all_boxes_support(Big(), [0]), tile=100, overlap=0.5)
+    >>> [t.shape[-1] for t in tiles], s.targets[0]["boxes"].tolist()  # tile x 100-200 centres the box best
+    ([100], [[30.0, 10.0, 50.0, 30.0]])
+    """
+    images: list[Tensor] = []
+    targets: list[dict[str, Tensor]] = []
+    indices: list[int] = []
+    for index, target in zip(support.indices, support.targets):
+        image = _full_image(dataset, index)
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        windows = tile_grid(h, w, tile, overlap, dtype=torch.float64)
+        boxes = target["boxes"].to(torch.float64).reshape(-1, 4)
+        labels = target["labels"].reshape(-1).long()
+        cut = tile_targets(boxes, labels, windows, min_visibility=0.0)
+        # Rank the (tile, box) pairs: most of the box visible, then the box centre nearest the tile centre.
+        centre = (boxes[cut.box, :2] + boxes[cut.box, 2:]) / 2
+        middle = (windows[cut.tile, :2] + windows[cut.tile, 2:]) / 2
+        distance = (centre - middle).square().sum(dim=1)
+        order = torch.argsort(distance, stable=True)
+        order = order[torch.argsort(-cut.visibility[order], stable=True)]
+        order = order[torch.argsort(cut.box[order], stable=True)]  # grouped by box, best pair first
+        first = torch.ones(len(order), dtype=torch.bool)
+        first[1:] = cut.box[order][1:] != cut.box[order][:-1]
+        best = order[first]
+        best = best[cut.labels[best] >= 0]
+        chosen = torch.zeros(len(cut.tile), dtype=torch.bool)
+        chosen[best] = True
+        for t in torch.unique(cut.tile[best]).tolist():  # row-major tile order
+            rows = cut.tile == t
+            x1, y1, x2, y2 = (int(v) for v in windows[t].tolist())
+            crop = image[:, y1:y2, x1:x2]
+            images.append(crop.float().div_(255.0) if crop.dtype == torch.uint8 else crop.clone())
+            labels_in_tile = torch.where(chosen[rows], cut.labels[rows], torch.full_like(cut.labels[rows], -1))
+            targets.append({"boxes": cut.boxes[rows].to(target["boxes"].dtype), "labels": labels_in_tile})
+            indices.append(index)
+    return images, SupportSet(indices, targets, list(support.classes), support.k)

@@ -49,6 +49,9 @@ def prepare_targets(
     * A list box with a label ``< 0`` (unknown object) stays valid with label ``-1``: its anchors are
       ignored by the losses instead of being taught background. (In the padded tensor form, label
       ``-1`` marks unused rows, so such a box is dropped.)
+    * A list target's ``"ignore_boxes"`` (``Tensor[R, 4]``: regions that are neither object nor
+      background, e.g. objects cut by a tile border) become such rows, after the image's boxes (so box
+      indices are unchanged): an anchor matched to one is neither positive nor negative.
 
     Raises:
         ShapeError: not ``batch_size`` images of targets. LabelError: a label ``>= num_classes``.
@@ -66,8 +69,10 @@ def prepare_targets(
         boxes, labels, valid = pad_targets(targets, device=device)
         present = valid
     else:
+        if any(isinstance(t, Mapping) and t.get("ignore_boxes") is not None for t in targets):
+            targets = [_with_ignore_rows(i, t) for i, t in enumerate(targets)]
         boxes, labels, valid = pad_targets(targets, device=device)
-        counts = torch.tensor([t["boxes"].shape[0] for t in targets], device=boxes.device)
+        counts = torch.tensor([len(t["boxes"]) for t in targets], device=boxes.device)
         present = torch.arange(boxes.shape[1], device=boxes.device) < counts.unsqueeze(1)
     if boxes.ndim != 3 or boxes.shape[0] != batch_size:
         raise ShapeError(f"targets: expected {batch_size} images (one per input image), got {boxes.shape[0]}")
@@ -83,6 +88,25 @@ def prepare_targets(
     if num_classes is not None:
         check_labels("targets labels", labels, num_classes)
     return PaddedTargets(boxes, labels, valid)
+
+
+def _with_ignore_rows(i: int, target: Any) -> Any:
+    """``target`` with its ``ignore_boxes`` appended to ``boxes`` as label ``-1`` rows (other keys dropped)."""
+    if not isinstance(target, Mapping) or target.get("ignore_boxes") is None or "boxes" not in target:
+        return target  # pad_targets reports malformed targets
+    ignore = torch.as_tensor(target["ignore_boxes"])
+    if ignore.numel() == 0:
+        return target
+    if ignore.ndim != 2 or ignore.shape[-1] != 4:
+        raise ShapeError(f"targets[{i}]['ignore_boxes']: expected Tensor[R, 4], got shape {tuple(ignore.shape)}")
+    boxes = torch.as_tensor(target["boxes"])
+    labels = torch.as_tensor(target["labels"])
+    boxes = boxes.reshape(-1, 4) if boxes.numel() == 0 else boxes
+    ignore = ignore.to(device=boxes.device, dtype=boxes.dtype if boxes.is_floating_point() else ignore.dtype)
+    return {
+        "boxes": torch.cat((boxes.to(ignore.dtype), ignore)),
+        "labels": torch.cat((labels, torch.full((ignore.shape[0],), -1, dtype=labels.dtype, device=labels.device))),
+    }
 
 
 class AnchorAssignment(NamedTuple):

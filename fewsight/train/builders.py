@@ -1,7 +1,12 @@
 """Build datasets and models from their config sections.
 
 * :func:`build_dataset` / :func:`build_datasets` — any format of :data:`fewsight.data.FORMATS`; the
-  val / test splits default to the training classes so labels agree.
+  val / test splits default to the training classes so labels agree. A split's ``class_map`` is
+  applied as it is read (:func:`fewsight.data.apply_class_map`), before its labels are expressed against
+  the training classes; its ``tiling`` wraps it in a :class:`fewsight.data.TiledDataset` (random crops
+  for ``train``, grid tiles otherwise) that carries the training augmentation per tile.
+* :func:`evaluation_view` — what the final evaluation runs: a tiled split is evaluated on its whole
+  images with sliced inference (the tiles of training, merged), as a user would run the model.
 * :func:`build_model` — a model of :data:`fewsight.hub.MODELS` by its config ``name``, with the
   training set's classes; the model describes itself (``to_spec``), so its file is rebuilt without
   the config.
@@ -20,12 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from fewsight.data import FORMATS, get_format
+from fewsight.data import FORMATS, ImageFileDataset, RelabeledDataset, TiledDataset, apply_class_map, get_format
 from fewsight.errors import ConfigError, InvalidArgumentError
 from fewsight.hub import MODELS
 from fewsight.train.config import DataConfig, DatasetConfig, ModelConfig
 
-__all__ = ["build_dataset", "build_datasets", "build_model", "dataset_class"]
+__all__ = ["build_dataset", "build_datasets", "build_model", "dataset_class", "evaluation_view"]
 
 
 def dataset_class(kind: str) -> type:
@@ -35,21 +40,55 @@ def dataset_class(kind: str) -> type:
     return get_format(kind).dataset_class
 
 
-def build_dataset(cfg: DatasetConfig, *, classes: Sequence[str] | None = None, transforms: Any = None) -> Any:
-    """Instantiate one split. ``classes`` is passed when the config does not name its classes."""
+def build_dataset(
+    cfg: DatasetConfig, *, classes: Sequence[str] | None = None, transforms: Any = None, training: bool = False,
+    where: str = "data",
+) -> Any:
+    """Instantiate one split. ``classes`` is passed when the config does not name its classes (with a
+    ``class_map``: the mapped classes are expressed against them by name). ``training``: the default
+    tiling mode is random crops (else grid tiles). ``where``: the split's key, for messages."""
     cls = dataset_class(cfg.type)
-    kwargs = dict(cfg.args)
-    if classes is not None and "classes" not in kwargs:
+    kwargs = cfg.dataset_args
+    class_map, tiling = cfg.class_map, cfg.tiling
+    if classes is not None and "classes" not in kwargs and class_map is None:
         kwargs["classes"] = list(classes)
-    if transforms is not None:
+    if transforms is not None and tiling is None:
         kwargs["transforms"] = transforms
     try:
-        return cls(**kwargs)
+        dataset = cls(**kwargs)
     except TypeError as exc:
         # Signature problems are configuration errors; everything else propagates unchanged.
         if "argument" in str(exc):
-            raise ConfigError(f"data ({cfg.type}): {exc}") from None
+            raise ConfigError(f"{where} ({cfg.type}): {exc}") from None
         raise
+    if class_map is not None:
+        dataset = apply_class_map(dataset, class_map)
+        if classes is not None:
+            dataset = _onto_classes(dataset, list(classes), where)
+    if tiling is None:
+        return dataset
+    mode = tiling.mode or ("random" if training else "grid")
+    try:
+        return TiledDataset(dataset, tiling.size, tiling.overlap, tiling.min_visibility, mode=mode,
+                            crops_per_image=tiling.crops_per_image, transforms=transforms)
+    except InvalidArgumentError as exc:
+        raise ConfigError(f"{where}.tiling.{exc}") from None
+
+
+def _onto_classes(dataset: Any, classes: list[str], where: str) -> Any:
+    """A class-mapped split's labels expressed against ``classes`` (the training classes) by name."""
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        raise ConfigError(f"{where}.class_map: classes {unknown} after the map are not training classes "
+                          f"{classes}; map them to one of those, or to null to drop them")
+    if isinstance(dataset, ImageFileDataset):
+        dataset.map_classes(classes)
+        return dataset
+    inner, lookup = dataset, list(range(len(dataset.classes)))
+    if isinstance(dataset, RelabeledDataset):  # compose with the class map's view
+        inner, lookup = dataset.dataset, dataset.mapping.tolist()
+    remap = [-1 if k < 0 else classes.index(dataset.classes[k]) for k in lookup]
+    return RelabeledDataset(inner, remap, classes)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Any, Any, Any]:
@@ -63,13 +102,13 @@ def build_datasets(cfg: DataConfig) -> tuple[Any, Any, Any]:
         from fewsight.data import train_transforms
 
         transforms = train_transforms(**cfg.augment)
-    train = build_dataset(cfg.train, transforms=transforms)
+    train = build_dataset(cfg.train, transforms=transforms, training=True, where="data.train")
     if len(train) == 0:
         raise ConfigError("data.train: the training set is empty")
     out = [train]
     for split in ("val", "test"):
         ds_cfg = getattr(cfg, split)
-        ds = None if ds_cfg is None else build_dataset(ds_cfg, classes=train.classes)
+        ds = None if ds_cfg is None else build_dataset(ds_cfg, classes=train.classes, where=f"data.{split}")
         if ds is not None and list(ds.classes) != list(train.classes):
             raise ConfigError(f"data.{split}: classes {list(ds.classes)} differ from the training classes {list(train.classes)}")
         out.append(ds)
@@ -105,3 +144,21 @@ def build_model(cfg: ModelConfig | dict[str, Any], classes: Sequence[str] | None
         raise
     except InvalidArgumentError as exc:
         raise ConfigError(f"model.{exc}") from None
+
+
+def evaluation_view(model: nn.Module, dataset: Any) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+    """``(model, dataset, sliced settings or None)`` for the final evaluation of ``dataset``.
+
+    A :class:`~fewsight.data.TiledDataset` (grid tiles: the cheap per-tile monitor of validation during
+    training, where detections of objects cut below ``min_visibility`` count as false positives) is
+    evaluated instead on its source's whole images through
+    :class:`~fewsight.models.sliced.SlicedDetector` with the same tile size and overlap (every object
+    counted once, as sliced inference is used). Any other dataset is returned unchanged.
+    """
+    if not isinstance(dataset, TiledDataset):
+        return model, dataset, None
+    from fewsight.models.sliced import SlicedDetector
+
+    th, tw = dataset.size
+    settings = {"tile": th if th == tw else (th, tw), "overlap": dataset.overlap}
+    return SlicedDetector(model, **settings), dataset.dataset, settings

@@ -19,7 +19,13 @@ A config file mirrors :class:`TrainConfig`::
   other key is an argument of that dataset class (``digits`` ->
   :class:`~fewsight.data.DigitsDataset`, ``emoji`` -> :class:`~fewsight.data.EmojiLogosDataset`,
   ``coco`` -> :class:`~fewsight.data.COCODataset`, ``voc``, ``yolo``, ``csv``). Relative paths are
-  relative to the current working directory.
+  relative to the current working directory. Two more keys:
+
+  - ``tiling: {size: 512, overlap: 0.2, min_visibility: 0.5, crops_per_image: null, mode: ...}``
+    (:class:`TilingConfig`) reads the split as tiles of its images (:class:`fewsight.data.TiledDataset`):
+    random crops for ``train``, grid tiles for ``val`` / ``test``;
+  - ``class_map: {old: new | null}`` renames, merges or drops classes as the split is read
+    (:func:`fewsight.data.apply_class_map`).
 * ``model``: ``name`` is a detector of :data:`fewsight.hub.MODELS`; ``num_classes`` defaults to the training
   set's class count; every other key is a keyword argument of the model's constructor.
 * Everything else is a field of the dataclasses below.
@@ -51,8 +57,10 @@ import dataclasses
 import inspect
 import types
 import typing
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Union
 
@@ -64,6 +72,7 @@ from fewsight.errors import ConfigError
 __all__ = [
     "PRECISIONS",
     "TASKS",
+    "TilingConfig",
     "CheckpointConfig",
     "DataConfig",
     "DatasetConfig",
@@ -77,6 +86,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "max_time",
     "read_config_mapping",
     "save_config",
     "validate_run",
@@ -89,12 +99,53 @@ LOGGERS = ("csv", "tensorboard")
 TASKS = ("detector", "embedder")
 
 
+#: Keys of a split that are not dataset-class arguments.
+SPLIT_KEYS = ("tiling", "class_map")
+
+
+@dataclass
+class TilingConfig:
+    """``data.<split>.tiling``: read the split as tiles (:class:`fewsight.data.TiledDataset`).
+
+    ``size`` (int or ``[h, w]``), ``overlap`` (grid tiles), ``min_visibility`` (objects cut below it are
+    ignore regions of the tile), ``mode`` (``random`` crops: the default for ``train``; ``grid``: the
+    default, and the only mode, for ``val`` / ``test``), ``crops_per_image`` (random crops per image
+    and epoch; ``null``: enough to cover each image's area about once).
+    """
+
+    size: Any = 512
+    overlap: float = 0.2
+    min_visibility: float = 0.5
+    mode: str | None = None
+    crops_per_image: int | None = None
+
+
 @dataclass
 class DatasetConfig:
-    """One split: ``type`` (see :data:`fewsight.data.FORMATS`) and the dataset class's keyword arguments."""
+    """One split: ``type`` (see :data:`fewsight.data.FORMATS`) and the dataset class's keyword arguments
+    (``args``; its ``tiling`` and ``class_map`` entries are read by :attr:`tiling` / :attr:`class_map`)."""
 
     type: str = "digits"
     args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dataset_args(self) -> dict[str, Any]:
+        """The dataset class's keyword arguments (``args`` without ``tiling`` / ``class_map``)."""
+        return {k: v for k, v in self.args.items() if k not in SPLIT_KEYS}
+
+    @property
+    def tiling(self) -> TilingConfig | None:
+        """The parsed ``tiling`` entry (``None``: whole images)."""
+        raw = self.args.get("tiling")
+        return None if raw is None else _from_dict(TilingConfig, raw, "tiling")
+
+    @property
+    def class_map(self) -> dict[str, str | None] | None:
+        """The ``class_map`` entry, names as strings (``None``: the dataset's own classes)."""
+        from fewsight.data.formats import check_class_map
+
+        raw = self.args.get("class_map")
+        return None if raw is None else check_class_map(raw)
 
 
 @dataclass
@@ -152,7 +203,12 @@ class ScheduleConfig:
 @dataclass
 class TrainerConfig:
     """Arguments of ``lightning.Trainer`` (``progress_bar`` -> a ``RichProgressBar``;
-    ``loggers`` among ``csv`` / ``tensorboard``; ``threads`` -> ``torch.set_num_threads``)."""
+    ``loggers`` among ``csv`` / ``tensorboard``; ``threads`` -> ``torch.set_num_threads``).
+
+    ``max_time``: a wall-clock budget, Lightning's ``max_time`` (training stops at the first batch end
+    past it, then the run saves and evaluates as usual): ``"DD:HH:MM:SS"``, seconds, or
+    ``{days, hours, minutes, seconds}``; ``null``: none. It counts the whole run across resumes
+    (Lightning keeps the elapsed time in checkpoints). See :func:`max_time`."""
 
     max_epochs: int = 12
     precision: str = "32"
@@ -172,6 +228,7 @@ class TrainerConfig:
     progress_bar: bool = True
     loggers: list[str] = field(default_factory=lambda: ["csv"])
     threads: int | None = None
+    max_time: Any = None
 
 
 @dataclass
@@ -447,7 +504,8 @@ def _validate(cfg: TrainConfig) -> None:
         if ds is None:
             continue
         _choice(f"data.{split}.type", ds.type, FORMATS)
-        check_kwargs(f"data.{split}", get_format(ds.type).dataset_class, ds.args, reserved=("transforms",))
+        check_kwargs(f"data.{split}", get_format(ds.type).dataset_class, ds.dataset_args, reserved=("transforms",))
+        _validate_split(f"data.{split}", ds, training=split == "train")
     _positive("data.batch_size", cfg.data.batch_size)
     if cfg.data.val_batch_size is not None:
         _positive("data.val_batch_size", cfg.data.val_batch_size)
@@ -469,6 +527,77 @@ def _validate(cfg: TrainConfig) -> None:
 
     validate_run(cfg)
     _positive("eval.plot_images", cfg.eval.plot_images, 0)
+
+
+def _validate_split(where: str, ds: DatasetConfig, *, training: bool) -> None:
+    """``tiling`` and ``class_map`` of one split."""
+    from fewsight.data.tiled import tile_shape
+    from fewsight.errors import InvalidArgumentError
+
+    try:
+        if "class_map" in ds.args and ds.class_map is None:
+            raise InvalidArgumentError("class_map: expected a mapping {name: new name or null}, got None")
+        t = ds.tiling if ds.args.get("tiling", {}) is not None else None
+        if t is None and "tiling" in ds.args:
+            raise InvalidArgumentError("tiling: expected a mapping {size, overlap, min_visibility, ...}, got None")
+        if t is not None:
+            tile_shape(t.size)
+    except InvalidArgumentError as exc:
+        raise ConfigError(f"{where}.{str(exc).replace('size:', 'tiling.size:', 1)}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    if t is None:
+        return
+    if not 0 <= t.overlap < 1:
+        raise ConfigError(f"{where}.tiling.overlap: expected a value in [0, 1), got {t.overlap}")
+    if not 0 <= t.min_visibility <= 1:
+        raise ConfigError(f"{where}.tiling.min_visibility: expected a value in [0, 1], got {t.min_visibility}")
+    if t.mode is not None:
+        _choice(f"{where}.tiling.mode", t.mode, ("random", "grid") if training else ("grid",))
+    mode = t.mode or ("random" if training else "grid")
+    if t.crops_per_image is not None:
+        if mode != "random":
+            raise ConfigError(f"{where}.tiling.crops_per_image: only with random crops (mode: random), got "
+                              f"{t.crops_per_image} with mode {mode!r}")
+        _positive(f"{where}.tiling.crops_per_image", t.crops_per_image)
+
+
+_MAX_TIME_UNITS = ("days", "hours", "minutes", "seconds")
+
+
+def max_time(value: Any, where: str = "trainer.max_time") -> timedelta | None:
+    """``trainer.max_time`` as a ``timedelta`` (``None`` stays ``None``); :class:`ConfigError` otherwise.
+
+    >>> max_time("00:01:30:00"), max_time(90), max_time({"minutes": 1.5})
+    (datetime.timedelta(seconds=5400), datetime.timedelta(seconds=90), datetime.timedelta(seconds=90))
+    """
+    if value is None:
+        return None
+    expected = "'DD:HH:MM:SS', seconds > 0 or {days, hours, minutes, seconds}"
+    if isinstance(value, timedelta):
+        out = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = timedelta(seconds=float(value)) if value == value and abs(value) != float("inf") else timedelta(0)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}):(\d{1,2})\s*", value)
+        if m is None:
+            raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+        out = timedelta(**dict(zip(_MAX_TIME_UNITS, map(int, m.groups()))))
+    elif isinstance(value, Mapping):
+        unknown = [k for k in value if k not in _MAX_TIME_UNITS]
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key; expected one of {list(_MAX_TIME_UNITS)}")
+        parts = {}
+        for key, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ConfigError(f"{where}.{key}: expected a number >= 0, got {v!r}")
+            parts[key] = v
+        out = timedelta(**parts)
+    else:
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    if not out.total_seconds() > 0:
+        raise ConfigError(f"{where}: expected a positive duration ({expected}), got {value!r}")
+    return out
 
 
 def validate_run(cfg: Any) -> None:
@@ -503,6 +632,7 @@ def validate_run(cfg: Any) -> None:
         _choice("trainer.loggers[]", name, LOGGERS)
     if t.threads is not None:
         _positive("trainer.threads", t.threads)
+    max_time(t.max_time)
 
     c = cfg.checkpoint
     _positive("checkpoint.every_n_epochs", c.every_n_epochs)

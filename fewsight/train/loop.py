@@ -56,9 +56,9 @@ from fewsight.eval.evaluate import evaluate_model
 from fewsight.eval.io import write_json
 from fewsight.eval.plots import plot_detection_grid, plot_precision_recall
 from fewsight.hub import check_finite_weights, load_checkpoint_file, save_model, short_reason
-from fewsight.train.builders import build_datasets, build_model
+from fewsight.train.builders import build_datasets, build_model, evaluation_view
 from fewsight.train.checkpoint import AtomicCheckpointIO
-from fewsight.train.config import TrainConfig, load_config, save_config
+from fewsight.train.config import TrainConfig, load_config, max_time, save_config
 from fewsight.train.data import DetectionDataModule, sample_seed
 from fewsight.train.module import DetectorModule
 
@@ -249,6 +249,7 @@ def _trainer(cfg: RunConfig, out_dir: Path, cbs: list[Callback], loggers: list[A
         enable_model_summary=t.progress_bar,
         callbacks=cbs,
         logger=loggers if loggers else False,
+        max_time=max_time(t.max_time),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         **kwargs,
@@ -442,9 +443,10 @@ def train_detector(
     result.model_path = save_model(module.model, out_dir / "model.pt", metadata={"epochs": trainer.current_epoch})
     train_seconds = time.perf_counter() - start
     if evaluate and (test_set is not None or val_set is not None):
-        eval_set = test_set if test_set is not None else val_set
+        # A tiled split: sliced inference on its whole images (builders.evaluation_view).
+        eval_model, eval_set, sliced = evaluation_view(module.model, test_set if test_set is not None else val_set)
         metrics, predictions = evaluate_model(
-            module.model,
+            eval_model,
             eval_set,
             cfg.data.val_batch_size or cfg.data.batch_size,
             class_names=list(train_set.classes),
@@ -454,6 +456,8 @@ def train_detector(
         )
         curves = metrics.pop("pr_curves", None)
         metrics["split"] = "test" if test_set is not None else "val"
+        if sliced is not None:
+            metrics["sliced"] = sliced
         metrics["train_seconds"] = train_seconds
         metrics["epochs"] = trainer.current_epoch
         write_json(metrics, out_dir / "metrics.json")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fewsight.data import FORMATS, COCODataset, CSVDataset, DatasetFormat, DigitsDataset, EmojiLogosDataset, VOCDataset, YOLODataset, export_dataset, get_format, infer_format, open_dataset
+from fewsight.data.digits import LargeDigitsDataset
 from fewsight.data.export import EXPORT_FORMATS
 from fewsight.errors import DataError, InvalidArgumentError
 from tests._fake_emoji import NAMES as EMOJI_NAMES
@@ -43,9 +44,9 @@ def _assert_same_targets(a, b) -> None:
 
 # -- the registry -----------------------------------------------------------------------------------
 def test_registry_lists_every_format_once():
-    assert FORMATS == ("digits", "emoji", "coco", "voc", "yolo", "csv")
+    assert FORMATS == ("digits", "digits_large", "emoji", "coco", "voc", "yolo", "csv")
     assert EXPORT_FORMATS == tuple(WRITABLE)  # export writes what the registry can write
-    classes = {"digits": DigitsDataset, "emoji": EmojiLogosDataset, "coco": COCODataset, "voc": VOCDataset,
+    classes = {"digits": DigitsDataset, "digits_large": LargeDigitsDataset, "emoji": EmojiLogosDataset, "coco": COCODataset, "voc": VOCDataset,
                "yolo": YOLODataset, "csv": CSVDataset}
     for name in FORMATS:
         fmt = get_format(name)

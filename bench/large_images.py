@@ -1,0 +1,171 @@
+"""Whole-image vs sliced inference on large canvases of small objects (``digits_large``).
+
+For one detector file (``--checkpoint``, trained on digits: its classes are digit names) and ``--num-images``
+held-out 2,048 x 2,048 canvases of 100-300 MNIST digits 12-40 px tall (``fewsight.data.digits.LargeDigitsDataset``,
+test split, seed ``--seed``), three ways to run the detector:
+
+* ``whole``: the whole canvas at once, as the model resizes it (``min_size`` / ``max_size``; a model without
+  them runs at full resolution), or shrunk to ``--whole-size`` px on its longer side first (a detector with a
+  fixed input: a 12 px digit of a 2,048 px canvas is 3 px at 512);
+* ``sliced``: ``fewsight.models.predict_sliced``, ``--tile`` px tiles overlapping by ``--overlap``, greedy
+  merging (an object cut by a tile border is one detection);
+* ``sliced-nms``: the same tiles, class-wise NMS instead of greedy merging (neighbouring digits of one class
+  are never merged into their union);
+* ``sliced-full``: ``sliced`` plus one pass over the whole canvas downscaled to a tile (``full_image=True``).
+
+Per mode: AP50 and AP (COCO AP@[.50:.95]) over all digits and over the "small" ones (area < 32 x 32 px,
+most digits here), detections per image, and seconds per image (inference only, the canvas already drawn;
+one warm-up image first, not counted). The metric is torchmetrics' ``MeanAveragePrecision`` (pycocotools
+backend), as in ``fewsight.eval``; AP is averaged from its precision table (``extended_summary``) at
+``--max-detections`` detections per image, because pycocotools' summary AP counts at most 100 (fewer than the
+objects of one canvas).
+
+    python bench/large_images.py --checkpoint runs/digits/model.pt                      # 10 canvases, tile 512
+    python bench/large_images.py --checkpoint runs/digits/model.pt --tile 256 --overlap 0.25 --num-images 20
+    python bench/large_images.py --checkpoint model.pt --device cuda --batch-size 16
+
+Prints the versions, the machine and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchmetrics.detection import MeanAveragePrecision
+
+import fewsight
+from fewsight.data.digits import LargeDigitsDataset
+from fewsight.hub import load_model
+from fewsight.models import detection_cap, predict_sliced
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+MODES = ("whole", "sliced", "sliced-nms", "sliced-full")
+
+
+def _metric(max_detections: int) -> MeanAveragePrecision:
+    m = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", max_detection_thresholds=[1, 10, max_detections],
+                             extended_summary=True, backend="pycocotools")
+    m.warn_on_many_detections = False
+    return m
+
+
+def _ap(precision: torch.Tensor, iou: slice | int, area: int) -> float:
+    """COCO's mean over the valid entries of ``precision[T, R, K, A, M]`` at the largest max-detections:
+    ``iou`` 0 is IoU 0.5; ``area`` 0 all, 1 small."""
+    p = precision[iou, :, :, area, -1]
+    p = p[p > -1]
+    return float(p.mean()) if p.numel() else float("nan")
+
+
+def _whole(model, image: torch.Tensor, size: int | None) -> dict:
+    x = image.float().div_(255.0).unsqueeze(0)
+    if size is None:
+        (pred,) = model(x)
+        return pred
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    small = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
+                          align_corners=False)
+    (pred,) = model(small)
+    return {**pred, "boxes": pred["boxes"] / scale}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(model, canvases, targets, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+    metric = _metric(args.max_detections)
+    seconds, counts = [], []
+    for k, image in enumerate(canvases):
+        t0 = time.perf_counter()
+        if mode == "whole":
+            with torch.inference_mode(), detection_cap(model, args.max_detections):
+                pred = _whole(model, image.to(device), args.whole_size)
+        else:
+            pred = predict_sliced(model, image.to(device), tile=args.tile, overlap=args.overlap,
+                                  batch_size=args.batch_size, full_image=mode == "sliced-full",
+                                  merge="nms" if mode == "sliced-nms" else "greedy",
+                                  max_detections=args.max_detections, detections_per_tile=args.max_detections)
+        _sync(device)
+        if k > 0 or len(canvases) == 1:  # the first image warms up (allocations, kernels)
+            seconds.append(time.perf_counter() - t0)
+        pred = {key: v.detach().cpu() for key, v in pred.items()}
+        counts.append(len(pred["boxes"]))
+        metric.update([pred], [targets[k]])
+    precision = metric.compute()["precision"]
+    return {"mode": mode, "ap50": _ap(precision, 0, 0), "ap50_small": _ap(precision, 0, 1),
+            "ap": _ap(precision, slice(None), 0), "ap_small": _ap(precision, slice(None), 1),
+            "detections": statistics.mean(counts), "seconds": statistics.mean(seconds)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a detector file trained on digits (model.pt)")
+    p.add_argument("--num-images", type=int, default=10, help="test canvases (default 10)")
+    p.add_argument("--image-size", type=int, default=2048, help="canvas side (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="canvas seed of the test split (default 0)")
+    p.add_argument("--tile", type=int, default=512, help="tile side of sliced inference (default 512)")
+    p.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of the tile (default 0.2)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--max-detections", type=int, default=1000, help="detections kept and scored per image (1000)")
+    p.add_argument("--whole-size", type=int, help="whole mode: shrink the canvas to this longer side first "
+                   "(default: the model's own resizing)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help=f"default: {' '.join(MODES)}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_model(args.checkpoint).to(device).eval()
+    classes = list(model.classes)
+    if not all(c.isdigit() and len(c) == 1 for c in classes):
+        raise SystemExit(f"--checkpoint: expected a model of digit classes (0-9), got classes {classes}")
+
+    data = LargeDigitsDataset("test", args.num_images, image_size=args.image_size, classes=classes, seed=args.seed)
+    canvases, targets = [], []
+    for i in range(len(data)):
+        image, target = data[i]
+        canvases.append(image.mul(255.0).round_().to(torch.uint8))  # a quarter of the float's memory
+        targets.append(target)
+
+    hw = (torch.cuda.get_device_name(device) if device.type == "cuda"
+          else f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, fewsight {fewsight.__version__}, "
+          f"python {platform.python_version()}; {hw}")
+    objects = sum(len(t["boxes"]) for t in targets)
+    print(f"{args.checkpoint}: {type(model).__name__}, classes {classes}, min_size {getattr(model, 'min_size', None)}, "
+          f"max_size {getattr(model, 'max_size', None)}; {len(canvases)} canvases of {args.image_size} px "
+          f"({objects} digits, seed {args.seed}); tile {args.tile}, overlap {args.overlap}, batch {args.batch_size}, "
+          f"max detections {args.max_detections}, whole size {args.whole_size or 'as the model resizes'}")
+    rows = [run_mode(model, canvases, targets, mode, args, device) for mode in args.modes]
+    print()
+    print("| mode | AP50 | AP50 small | AP | AP small | detections / image | s / image |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['ap50']:.3f} | {r['ap50_small']:.3f} | {r['ap']:.3f} | {r['ap_small']:.3f} | "
+              f"{r['detections']:.0f} | {r['seconds']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
