@@ -268,3 +268,27 @@ def test_messages_are_plain_text_naming_destinations(env, tmp_path, capsys, monk
     assert main(_argv("predict", env, tmp_path / "o")) == 1
     assert _error_line(capsys, "predict") == f"fewsight predict: {tmp_path / 'predictions.json'}: bold claim over two lines"
     assert clean_message("\x1b]0;title\x07a\x1b[31mb") == "ab"
+
+
+def test_eval_class_map_renames_and_drops_classes_to_match_the_model(env, tmp_path, capsys):
+    ann = json.loads(env["coco"].read_text())
+    for c in ann["categories"]:  # the data names its classes differently from the model ("0", "1")
+        c["name"] = {"0": "zero", "1": "one"}[c["name"]]
+    ann["categories"].append({"id": 99, "name": "noise"})
+    renamed = env["coco"].parent / "renamed.json"
+    renamed.write_text(json.dumps(ann))
+    argv = ["eval", "--checkpoint", str(env["model"]), "--data", str(renamed), "--quiet"]
+    assert main(argv) == 1  # unknown classes without a map
+    err = _error_line(capsys, "eval")
+    assert "zero" in err or "one" in err
+    cmap = tmp_path / "map.yaml"
+    cmap.write_text("zero: '0'\none: '1'\nnoise: null\n")
+    assert main([*argv, "--class-map", str(cmap), "--out", str(tmp_path / "out")]) == 0
+    with_map = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert main(["eval", "--checkpoint", str(env["model"]), "--data", str(env["coco"]), "--quiet",
+                 "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert with_map["map50"] == plain["map50"]
+    (tmp_path / "bad.yaml").write_text("[1, 2]")
+    assert main([*argv, "--class-map", str(tmp_path / "bad.yaml")]) == 1
+    assert _error_line(capsys, "eval").startswith("fewsight eval: --class-map")

@@ -16,6 +16,7 @@ __all__ = [
     "add_enroll_settings",
     "enroll_settings",
     "flag_errors",
+    "read_class_map",
     "image_files",
     "load_dldenet",
     "parse_device",
@@ -101,16 +102,38 @@ def with_crop_embedder(model: Any, path: str | None) -> Any:
     return CropRescorer(model, load_model(path, expect=CropEmbedder)).eval()
 
 
-def eval_dataset(args: argparse.Namespace, classes: list[str]) -> Any:
-    """The ``--data`` dataset labelled in the model's ``classes`` (digits: held-out test canvases)."""
+def eval_dataset(args: argparse.Namespace, classes: list[str], **options: Any) -> Any:
+    """The ``--data`` dataset labelled in the model's ``classes`` (digits: held-out test canvases);
+    ``options`` go to :func:`fewsight.data.open_dataset` (``class_map``, ``max_pixels``)."""
     from fewsight.data import open_dataset
     from fewsight.fewshot.digits import TEST_SEED
 
-    with flag_errors("--images", "images"), flag_errors("--format", "format"):
+    with flag_errors("--images", "images"), flag_errors("--format", "format"), flag_errors("--class-map", "class_map"):
         if (args.format or args.data) == "digits":
             return open_dataset(None, "digits", classes=classes, split="test", num_images=args.num_images,
-                                seed=TEST_SEED)
-        return open_dataset(args.data, args.format, classes=classes, images=args.images)
+                                seed=TEST_SEED, **options)
+        return open_dataset(args.data, args.format, classes=classes, images=args.images, **options)
+
+
+def read_class_map(path: str | None) -> dict[str, Any] | None:
+    """The ``{name: new name or null}`` mapping of a YAML / JSON file (``None`` without one)."""
+    if path is None:
+        return None
+    import yaml
+
+    from fewsight.data.formats import check_class_map
+    from fewsight.errors import DataError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"expected a readable YAML / JSON class map, got {type(exc).__name__}") from None
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DataError(path, f"expected YAML / JSON {{name: new name or null}}, got unparsable text ({' '.join(str(exc).split())[:120]})") from None
+    with flag_errors("--class-map", "class_map"):
+        return check_class_map(mapping)
 
 
 def support_dataset(args: argparse.Namespace) -> Any:

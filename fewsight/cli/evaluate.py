@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fewsight.cli.common import add_data_source, eval_dataset, flag_errors, output_dir, print_metrics
+from fewsight.cli.common import add_data_source, eval_dataset, output_dir, print_metrics, read_class_map
 from fewsight.cli.predict import add_tile_options, check_tile_options
 
 NAME = "eval"
@@ -26,6 +26,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images (tiles with --tile) per forward pass (8)")
     p.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--class-map", metavar="FILE",
+                   help="YAML / JSON {name: new name or null}: rename, merge or drop (null) the data's classes as "
+                   "they are read, so they match the model's")
     add_tile_options(p)
 
 
@@ -40,16 +43,12 @@ def run(args: argparse.Namespace) -> int:
         args.out, [args.checkpoint, args.data, args.images], names=["metrics.json", "pr_curve.png", "detections.png"])
     model = load_model(args.checkpoint)
     classes = list(model.classes)
-    if args.max_pixels is None:
-        dataset = eval_dataset(args, classes)
-    elif (args.format or args.data) == "digits":
-        raise InvalidArgumentError("--max-pixels: expected an image-file dataset, got the generated digits")
-    else:
-        from fewsight.data import open_dataset
-
-        with flag_errors("--images", "images"), flag_errors("--format", "format"):
-            dataset = open_dataset(args.data, args.format, classes=classes, images=args.images,
-                                   max_pixels=args.max_pixels)
+    options: dict[str, Any] = {"class_map": read_class_map(args.class_map)}
+    if args.max_pixels is not None:
+        if (args.format or args.data) == "digits":
+            raise InvalidArgumentError("--max-pixels: expected an image-file dataset, got the generated digits")
+        options["max_pixels"] = args.max_pixels
+    dataset = eval_dataset(args, classes, **options)
     if len(dataset) == 0:
         raise DataError(args.data, "the dataset has no images")
     # Sliced: one image at a time through the wrapper, whose tiles are batched by --batch-size.
