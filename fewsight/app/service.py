@@ -3,11 +3,15 @@
 :class:`Labeller` ties an image folder, a base DLDENet file (and optionally a crop embedder) and a
 project folder (:mod:`fewsight.app.project`). Every operation is the library's own:
 
-* enroll: :func:`fewsight.fewshot.enroll` with :class:`~fewsight.fewshot.EnrollSettings` defaults on a
-  fresh copy of the base detector (wrapped in a :class:`~fewsight.fewshot.CropRescorer` when an embedder
-  is given), from the boxes the person drew of classes the detector does not know; other boxes of
-  those images are ignored (label ``-1``), as in a few-shot support set. The result is the project's
-  ``model.pt`` (:func:`fewsight.hub.save_model`); its previous proposals are dropped.
+* enroll: :func:`fewsight.fewshot.enroll_support` with :class:`~fewsight.fewshot.EnrollSettings` defaults
+  on a fresh copy of the base detector (wrapped in a :class:`~fewsight.fewshot.CropRescorer` when an
+  embedder is given), from the boxes the person drew of classes the detector does not know. The support
+  set is the library's (:func:`fewsight.fewshot.all_boxes_support` over the saved boxes, as
+  ``enroll_from_dataset`` builds it): the images holding such a box, each of their other boxes (a known
+  class, an accepted proposal) labelled ``-1`` — ignored, neither the class nor background — as
+  :func:`~fewsight.fewshot.sample_support` does in the few-shot protocol. An object left unboxed on a
+  support image counts as background. The result is the project's ``model.pt``
+  (:func:`fewsight.hub.save_model`); its previous proposals are dropped.
 * propose: :class:`~fewsight.app.propose.ProposeJob` in the background.
 * search: :func:`fewsight.retrieval.embed_crop` of the drawn box against a gallery of the folder's
   objects (:func:`fewsight.retrieval.index_images`, the gallery of ``fewsight search``), built on first use.
@@ -35,11 +39,12 @@ from fewsight.app.propose import ProposeJob
 from fewsight.data import get_format, open_dataset
 from fewsight.data.export import EXPORT_FORMATS
 from fewsight.errors import CheckpointError, DataError, InvalidArgumentError, check_choice
-from fewsight.fewshot import CropEmbedder, CropRescorer, EnrollSettings, enroll
+from fewsight.fewshot import CropEmbedder, CropRescorer, EnrollSettings, enroll_support
+from fewsight.fewshot.support import all_boxes_support
 from fewsight.hub import load_model, read_model_file, save_model
 from fewsight.models import DLDENet
 
-__all__ = ["Labeller", "file_digest"]
+__all__ = ["ACCEPTED", "Labeller", "SavedBoxes", "file_digest"]
 
 MODEL_FILE = "model.pt"
 PROJECT_FILE = "project.json"
@@ -52,6 +57,38 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+#: The class of accepted proposals in :class:`SavedBoxes` (a name no label can have: labels are printable).
+ACCEPTED = "\x00accepted proposal"
+
+
+class SavedBoxes:
+    """The saved boxes of a project as a detection dataset for :mod:`fewsight.fewshot`'s support sets.
+
+    Items ``(image, {"boxes", "labels"})`` for the folder's images with saved boxes, in id order; ``classes``
+    are the drawn boxes' class names, then :data:`ACCEPTED`, the one class of every accepted proposal (so
+    enrolling a drawn class never takes an accepted proposal as an example of it).
+    """
+
+    def __init__(self, folder: ImageFolder, snapshot: dict[str, list[dict[str, Any]]]) -> None:
+        self.folder = folder
+        self.infos = [info for info in folder.images if snapshot.get(info.name)]
+        self.boxes = [snapshot[info.name] for info in self.infos]
+        drawn = [b["label"] for boxes in self.boxes for b in boxes if b["source"] == "drawn"]
+        self.classes = [*dict.fromkeys(drawn), ACCEPTED]
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def get_target(self, i: int) -> dict[str, torch.Tensor]:
+        boxes = self.boxes[i]
+        labels = [self.classes.index(b["label"] if b["source"] == "drawn" else ACCEPTED) for b in boxes]
+        return {"boxes": torch.tensor([b["box"] for b in boxes], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.folder.load(self.infos[i]), self.get_target(i)
 
 
 class Labeller:
@@ -148,24 +185,15 @@ class Labeller:
             if not names:
                 raise InvalidArgumentError(f"boxes: expected drawn boxes of at least one class the detector does not "
                                            f"know (it knows {sorted(base)}), got none")
-            images, targets, counts = [], [], dict.fromkeys(names, 0)
-            for info in self.folder.images:
-                boxes = snapshot.get(info.name, [])
-                labels = [names.index(b["label"]) if b["source"] == "drawn" and b["label"] in names else -1
-                          for b in boxes]
-                if not any(k >= 0 for k in labels):
-                    continue
-                images.append(self.folder.load(info).to(self.device))
-                targets.append({"boxes": torch.tensor([b["box"] for b in boxes], dtype=torch.float32, device=self.device),
-                                "labels": torch.tensor(labels, dtype=torch.long, device=self.device)})
-                for k in labels:
-                    if k >= 0:
-                        counts[names[k]] += 1
+            saved = SavedBoxes(self.folder, snapshot)
+            support = all_boxes_support(saved, [saved.classes.index(n) for n in names])
+            labels = torch.cat([t["labels"] for t in support.targets])
+            counts = {n: int((labels == j).sum()) for j, n in enumerate(names)}
             model: Any = copy.deepcopy(self.base)
             if self.embedder is not None:
                 model = CropRescorer(model, self.embedder).eval()
             settings = EnrollSettings()
-            enroll(model, images, targets, names, settings)
+            enroll_support(model, support.images(saved), support, names, settings)
             path = self.root / MODEL_FILE
             save_model(model, path, metadata={"enrolled": names, "shots": counts, "base_checkpoint": str(self.checkpoint),
                                               "base_digest": self.base_digest, "embedder": self.embedder_path,
@@ -173,7 +201,7 @@ class Labeller:
             self.model, self.model_id = model.eval(), file_digest(path)
             self.store.reset(self.model_id)
             self.job = self._new_job()
-            return {"enrolled": names, "boxes": counts, "support_images": len(images), "classes": list(model.classes)}
+            return {"enrolled": names, "boxes": counts, "support_images": len(support.indices), "classes": list(model.classes)}
 
     # -- proposals -----------------------------------------------------------------------------------
     def propose(self, limit: int | None = None) -> dict[str, Any]:

@@ -359,6 +359,40 @@ def test_enroll_propose_accept_reject_export(client, data, tmp_path):
     assert client.post("/api/export", json={"format": "../../x"}).status_code == 400
 
 
+def test_enrollment_support_set_is_the_protocols(client, data):
+    """The app enrolls the library's support set of the saved boxes (fewsight.fewshot.all_boxes_support): a box
+    of a known class and an accepted proposal are ignored (-1, as sample_support marks the protocol's other
+    objects), not background; the model equals fewsight.fewshot.enroll_support on those targets."""
+    import copy
+
+    from fewsight.app.service import ACCEPTED, SavedBoxes
+    from fewsight.data import load_image
+    from fewsight.fewshot import EnrollSettings, SupportSet, enroll_support
+    from fewsight.fewshot.support import all_boxes_support
+
+    two = next(i for i, boxes in enumerate(data["truth"]) if len(boxes) == 2)
+    other = next(i for i in range(N_IMAGES) if i != two)
+    new, known = data["truth"][two]
+    _draw(client, two, [{"box": new, "label": "8"}, {"box": known, "label": "0"}])
+    _draw(client, other, [{"box": data["truth"][other][0], "label": "8", "source": "proposal", "score": 0.9,
+                           "proposal": f"c{other:02d}.png#0"}])
+    labeller = client.app.state.labeller
+    saved = SavedBoxes(labeller.folder, labeller.annotations.snapshot())
+    assert saved.classes == ["8", "0", ACCEPTED]
+    support = all_boxes_support(saved, [0])
+    assert [saved.infos[i].name for i in support.indices] == [f"c{two:02d}.png"]
+    assert support.targets[0]["labels"].tolist() == [0, -1]
+    r = client.post("/api/enroll").json()
+    assert r["enrolled"] == ["8"] and r["boxes"] == {"8": 1} and r["support_images"] == 1
+    expected = copy.deepcopy(labeller.base)
+    target = {"boxes": torch.tensor([new, known]), "labels": torch.tensor([0, -1])}
+    enroll_support(expected, [load_image(data["images"] / f"c{two:02d}.png")], SupportSet([0], [target], [0], 0),
+                   ["8"], EnrollSettings())
+    got = labeller.model.state_dict()
+    assert all(torch.equal(v, got[k]) if isinstance(v, torch.Tensor) else v == got[k]
+               for k, v in expected.state_dict().items())
+
+
 def test_re_enroll_drops_old_proposals(client, data, tmp_path):
     _enrolled(client, data)
     client.post("/api/propose", json={"limit": 2})
