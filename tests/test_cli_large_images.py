@@ -51,15 +51,20 @@ def _error_line(capsys, command: str) -> str:
 MEMORY_BOUND_MIB = 1024
 
 _MEASURE = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     torch.set_num_threads(2)
     import fewsight.cli, fewsight.cli.predict, fewsight.data, fewsight.eval, fewsight.hub, fewsight.models
     import matplotlib.figure, matplotlib.backends.backend_agg
-    # the RSS now (not the peak so far, which import-time transients may have raised), in KiB
-    base = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+    def status(key):  # KiB
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+    # the RSS now (not the peak so far, which import-time transients may have raised)
+    base = status("VmRSS:")
     rc = fewsight.cli.main(sys.argv[1:])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"RESULT {rc} {(peak - base) / 1024:.0f}")  # ru_maxrss is in KiB on Linux
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so it would report the forking
+    # pytest worker's RSS (gigabytes late in a full run) instead of this process's peak.
+    print(f"RESULT {rc} {(status('VmHWM:') - base) / 1024:.0f}")
 """)
 
 
