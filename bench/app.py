@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from _env import cpu_name  # bench/ is on sys.path when a script runs
 from fewsight.data import save_image
 from fewsight.fewshot import digits_fewshot_datasets, sample_support
 from fewsight.hub import load_model
@@ -96,16 +97,6 @@ def propose_once(url: str) -> dict[str, float]:
     return {"first_proposal_s": first, "job_first_proposal_s": p["first_proposal_s"], "run_s": p["elapsed_s"],
             "images": p["run_total"], "proposals": p["proposals"], "proposals_at_least_0.5": high,
             "images_per_s": p["run_total"] / p["elapsed_s"], "proposals_per_s": p["proposals"] / p["elapsed_s"]}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

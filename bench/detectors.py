@@ -36,19 +36,9 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead as TVRetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from _env import cpu_name  # bench/ is on sys.path when a script runs
 import fewsight
 from fewsight.models import DLDENet, RetinaNet
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_torchvision(backbone: str, num_classes: int, size: int) -> TVRetinaNet:
@@ -117,7 +107,7 @@ def main() -> None:
     hw = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     )
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, fewsight {fewsight.__version__}, "

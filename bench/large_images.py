@@ -40,21 +40,11 @@ import torch.nn.functional as F
 import torchvision
 from torchmetrics.detection import MeanAveragePrecision
 
+from _env import cpu_name  # bench/ is on sys.path when a script runs
 import fewsight
 from fewsight.data.digits import LargeDigitsDataset
 from fewsight.hub import load_model
 from fewsight.models import detection_cap, predict_sliced
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 MODES = ("whole", "sliced", "sliced-nms", "sliced-full")
@@ -150,7 +140,7 @@ def main() -> None:
         targets.append(target)
 
     hw = (torch.cuda.get_device_name(device) if device.type == "cuda"
-          else f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+          else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, fewsight {fewsight.__version__}, "
           f"python {platform.python_version()}; {hw}")
     objects = sum(len(t["boxes"]) for t in targets)

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _env import cpu_name  # bench/ is on sys.path when a script runs
 import fewsight as fs
 from fewsight.retrieval import Gallery, make_backend
 
@@ -100,17 +101,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _status() -> dict[str, float]:
@@ -568,7 +558,7 @@ def main() -> None:
         "versions": {"fewsight": fs.__version__, "faiss": getattr(faiss, "__version__", "?"), "torch": torch.__version__,
                      "numpy": np.__version__, "pymilvus": _version("pymilvus"), "milvus-lite": _version("milvus-lite"),
                      "python": platform.python_version()},
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+        "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "data": {"n": args.n, "dim": args.dim, "queries": args.queries, "distribution": args.distribution,
                  "clusters": args.clusters if args.distribution == "mixture" else None,
