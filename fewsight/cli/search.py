@@ -168,16 +168,6 @@ def _index(args: argparse.Namespace, model: Any, embedder: Any) -> int:
     return 0
 
 
-def _has_index_file(gallery_file: Path) -> bool:
-    import torch
-
-    try:
-        state = torch.load(gallery_file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # Gallery.load reports an unreadable file with its name
-        return False
-    return isinstance(state, dict) and bool((state.get("files") or {}).get("index_file"))
-
-
 def _read_images_json(path: Path) -> dict[str, Any]:
     """The image list ``search index`` wrote beside the gallery (``{}`` when absent)."""
     from fewsight.errors import DataError
@@ -211,7 +201,7 @@ def _query(args: argparse.Namespace, model: Any, embedder: Any) -> int:
 
     gallery_file, images_file = _gallery_paths(args.gallery)
     # A gallery whose faiss index has a file of its own is memory-mapped, not read into memory.
-    gallery = Gallery.load(gallery_file, mmap=_has_index_file(gallery_file))
+    gallery = Gallery.load(gallery_file, mmap="auto")
     info = _read_images_json(images_file)
     paths = info.get("images")
     if bool(info.get("embedder")) != (embedder is not None):

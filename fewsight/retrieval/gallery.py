@@ -483,18 +483,21 @@ class Gallery:
         return atomic_write_bytes(buffer.getvalue(), file)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False, **backend_options: Any) -> Gallery:
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool | str = False, **backend_options: Any) -> Gallery:
         """Read a gallery written by :meth:`save` (``weights_only=True``): a file, or a folder holding
         ``gallery.pt``.
 
         ``mmap=True`` memory-maps the faiss index of a ``layout="folder"`` gallery (read-only until
-        the first :meth:`add`, which copies it into memory). ``backend_options`` replace saved
+        the first :meth:`add`, which copies it into memory); ``mmap="auto"`` memory-maps when the
+        gallery has such an index file and reads it otherwise. ``backend_options`` replace saved
         backend settings, e.g. ``nprobe=64`` or ``device="cpu"`` (faiss), ``token=...`` or ``uri=...``
         (Milvus).
 
         Raises :class:`~fewsight.errors.CheckpointError` naming the file when it is missing,
         unreadable, not a fewsight gallery, or inconsistent.
         """
+        if mmap not in (True, False, "auto"):
+            raise InvalidArgumentError(f"mmap: expected True, False or 'auto', got {mmap!r}")
         file = _resolve_path(path)
         state = _read_state(file)
         try:
@@ -503,7 +506,7 @@ class Gallery:
             if kind not in BACKENDS:
                 raise CheckpointError(f"expected a backend kind in {tuple(BACKENDS)}, got {kind!r}")
             if state["version"] == _ONE_FILE:
-                if mmap:
+                if mmap is True:
                     raise InvalidArgumentError(
                         f"mmap: expected a gallery saved with layout='folder' (its index in a file of its own), "
                         f"got the one-file gallery {file}"
@@ -516,7 +519,8 @@ class Gallery:
                 files = state.get("files")
                 if not isinstance(files, dict):
                     raise CheckpointError(f"expected a dict of the backend's files, got {type(files).__name__}")
-                backend = BACKENDS[kind].open(config, folder=file.parent, files=files, mmap=mmap, **backend_options)
+                mapped = bool(files.get("index_file")) if mmap == "auto" else mmap
+                backend = BACKENDS[kind].open(config, folder=file.parent, files=files, mmap=mapped, **backend_options)
             if backend.dim != state.get("dim"):
                 raise CheckpointError(f"the {kind} index has dimension {backend.dim}, metadata says {state.get('dim')}")
             # Built here rather than by __init__: the metadata comes from the file, not from the store

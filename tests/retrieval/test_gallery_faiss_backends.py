@@ -207,6 +207,17 @@ def test_save_load_round_trip_every_kind(data, tmp_path, index, options, layout,
         assert Gallery.load(path, mmap=mmap, nprobe=16).backend.search_params["nprobe"] == 16
 
 
+def test_mmap_auto_maps_a_folder_gallery_and_reads_a_one_file_gallery(data, tmp_path):
+    x, q, meta, _ = data
+    g = filled(FaissBackend("Flat"), x[:100], meta, chunks=(100,))
+    one, folder = g.save(tmp_path / "g.pt"), g.save(tmp_path / "gallery", layout="folder")
+    a, b = Gallery.load(one, mmap="auto"), Gallery.load(folder.parent, mmap="auto")
+    assert not a.backend.memory_mapped and b.backend.memory_mapped
+    assert_same(a.search(q, k=5), b.search(q, k=5))
+    with pytest.raises(InvalidArgumentError, match="mmap: expected True, False or 'auto'"):
+        Gallery.load(one, mmap="yes")
+
+
 def test_folder_save_replaces_its_index_file_atomically(data, tmp_path):
     x, q, meta, _ = data
     g = filled(FaissBackend("Flat"), x[:100], meta, chunks=(100,))
