@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from fewsight.cli import main
-from fewsight.cli.predict import read_rgb8
 from fewsight.data import load_image
 from fewsight.errors import DataError
 from fewsight.hub import load_model, save_model
@@ -166,7 +165,7 @@ def test_eval_max_pixels_reaches_the_reader(model_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "I;16", "CMYK"])
-def test_read_rgb8_equals_load_image(tmp_path, mode):
+def test_uint8_decode_equals_load_image(tmp_path, mode):
     g = np.random.default_rng(2)
     rgb = Image.fromarray(g.integers(0, 256, (37, 53, 3), dtype=np.uint8))
     if mode == "I;16":
@@ -177,7 +176,7 @@ def test_read_rgb8_equals_load_image(tmp_path, mode):
         im = rgb.convert(mode)
     path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
     im.save(path)
-    got = read_rgb8(path, None)
+    got = load_image(path, dtype=None)
     ref = load_image(path)
     if got.dtype == torch.uint8:
         assert torch.equal(got.float().div_(255.0), ref)
@@ -185,20 +184,20 @@ def test_read_rgb8_equals_load_image(tmp_path, mode):
         assert torch.equal(got, ref)
 
 
-def test_read_rgb8_in_strips(tmp_path, monkeypatch):
+def test_uint8_decode_in_strips(tmp_path, monkeypatch):
     path = tmp_path / "tall.png"
     arr = np.random.default_rng(3).integers(0, 256, (3000, 7000, 3), dtype=np.uint8)  # strips of 798 rows
     Image.fromarray(arr).save(path, compress_level=1)
-    got = read_rgb8(path, None)
+    got = load_image(path, dtype=None)
     assert got.shape == (3, 3000, 7000) and torch.equal(got.permute(1, 2, 0), torch.from_numpy(arr))
 
 
-def test_read_rgb8_errors_name_the_file(tmp_path):
+def test_uint8_decode_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.png"
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(good)
     bad.write_bytes(good.read_bytes()[:2000])  # a truncated file
     with pytest.raises(DataError, match="bad.png"):
-        read_rgb8(bad, None)
+        load_image(bad, dtype=None)
     with pytest.raises(DataError, match="missing.png"):
-        read_rgb8(tmp_path / "missing.png", None)
+        load_image(tmp_path / "missing.png", dtype=None)

@@ -130,16 +130,6 @@ def _sliced_predictions(model: Any, files: list[Path], args: argparse.Namespace,
             yield image, {k: v.detach().cpu() for k, v in pred.items()}
 
 
-def read_rgb8(path: Path, max_pixels: int | None) -> Any:
-    """``load_image(path, max_pixels=max_pixels, dtype=None)``: uint8 RGB (float for 16/32-bit files).
-
-    Kept for callers of the name; the reader lives in :func:`fewsight.data.load_image`.
-    """
-    from fewsight.data import load_image
-
-    return load_image(path, max_pixels=max_pixels, dtype=None)
-
-
 def _plot(image: Any, prediction: dict[str, Any], classes: list[str], path: Path, score_threshold: float) -> None:
     """The PNG of one image; a large image is thinned first (the figure is 600 px wide) so that drawing
     it costs no float copy of every pixel."""
