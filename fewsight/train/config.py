@@ -208,7 +208,8 @@ class TrainerConfig:
     ``max_time``: a wall-clock budget, Lightning's ``max_time`` (training stops at the first batch end
     past it, then the run saves and evaluates as usual): ``"DD:HH:MM:SS"``, seconds, or
     ``{days, hours, minutes, seconds}``; ``null``: none. It counts the whole run across resumes
-    (Lightning keeps the elapsed time in checkpoints). See :func:`max_time`."""
+    (Lightning keeps the elapsed time in checkpoints); a cosine schedule follows the budget when the
+    clock runs ahead of ``max_epochs``. See :func:`max_time`."""
 
     max_epochs: int = 12
     precision: str = "32"

@@ -10,7 +10,9 @@
 * learning rate, per optimizer step: ``lr * warmup(step) * schedule(step)`` with
   ``warmup(s) = f + (1 - f) * s / W`` for ``s < W`` (Goyal et al. 2017) and ``schedule`` cosine
   ``r + (1 - r) * (1 + cos(pi * t)) / 2`` (Loshchilov & Hutter 2017; ``t`` the fraction of the
-  post-warmup steps done), multistep (``gamma ** #milestones passed``, milestones in epochs) or
+  post-warmup steps done or, with a wall-clock budget ``trainer.max_time``, of the budget spent if
+  that is more: a run the clock stops still ends its cosine instead of stopping at a high rate),
+  multistep (``gamma ** #milestones passed``, milestones in epochs) or
   constant;
 * DLDENet with ``means_update="manual"``: ``model.update_means()`` after the last training batch of
   every epoch (before validation and before the epoch checkpoint).
@@ -41,6 +43,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor, nn
 
 from fewsight.errors import InvalidArgumentError
@@ -71,15 +74,24 @@ def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: f
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (see the module docstring)."""
+def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int,
+              budget_spent: float | None = None) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (see the module docstring).
+
+    ``budget_spent``: the fraction of a wall-clock budget used so far (``None``: no budget); the
+    cosine follows it when it is ahead of the steps.
+
+    >>> s = ScheduleConfig(name="cosine")
+    >>> round(lr_factor(10, s, 100, 10), 4), round(lr_factor(10, s, 100, 10, budget_spent=0.5), 4)
+    (0.9755, 0.5)
+    """
     warm = schedule.warmup_steps
     factor = 1.0
     if warm > 0 and step < warm:
         factor = schedule.warmup_factor + (1.0 - schedule.warmup_factor) * step / warm
     if schedule.name == "cosine":
         span = max(1, total_steps - warm)
-        t = min(max(step - warm, 0) / span, 1.0)
+        t = min(max(max(step - warm, 0) / span, budget_spent or 0.0), 1.0)
         r = schedule.min_lr_ratio
         factor *= r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t))
     elif schedule.name == "multistep":
@@ -207,12 +219,23 @@ class DetectorModule(L.LightningModule):
         max_epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer is not None else 1
         steps_per_epoch = max(1, total // max_epochs)
         schedule = self.schedule_config
+        timer = None if self._trainer is None else next(
+            (c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
         def factor(step: int) -> float:
-            return lr_factor(step, schedule, total, steps_per_epoch)
+            return lr_factor(step, schedule, total, steps_per_epoch, _budget_spent(timer))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def _budget_spent(timer: Timer | None) -> float | None:
+    """The fraction of the ``max_time`` budget ``timer`` has used (kept across resumes), ``None`` without one."""
+    remaining = None if timer is None else timer.time_remaining()
+    if remaining is None:
+        return None
+    elapsed = timer.time_elapsed()
+    return min(max(elapsed / max(elapsed + remaining, 1e-9), 0.0), 1.0)
 
 
 def _plain(obj: Any) -> Any:

@@ -66,6 +66,28 @@ def test_max_time_stops_a_run(tmp_path):
     assert result.last_checkpoint is not None and result.last_checkpoint.is_file()
 
 
+class _Rates(Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_cosine_schedule_follows_the_wall_clock_budget(tmp_path):
+    # 1000 epochs cannot finish in 3 s: the step-based cosine would stop near its top rate.
+    cfg = tiny_config(tmp_path / "run", epochs=1000)
+    del cfg["data"]["val"]
+    cfg["trainer"]["max_time"] = {"seconds": 3}
+    cfg["schedule"] = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
+    rates = _Rates()
+    train(cfg, callbacks=[rates], evaluate=False)
+    lr = cfg["optimizer"]["lr"]
+    assert len(rates.rates) > 5
+    assert rates.rates[0] > 0.9 * lr and rates.rates[-1] < 0.2 * lr
+    assert all(b <= a + 1e-12 for a, b in zip(rates.rates, rates.rates[1:]))  # decreasing
+
+
 # -------------------------------------------------------------------------------------------- configs
 
 
