@@ -45,6 +45,7 @@ from fewsight.data.digits import (
 )
 from fewsight.data.export import export_dataset
 from fewsight.data.formats import FORMATS, DatasetFormat, apply_class_map, get_format, infer_format, open_dataset
+from fewsight.data.statistics import dataset_boxes
 from fewsight.data.tiled import TiledDataset
 from fewsight.data.transforms import RandomRot90, eval_transforms, train_transforms
 from fewsight.data.voc import VOC_CLASSES, VOCDataset, write_voc
@@ -70,6 +71,7 @@ __all__ = [
     "YOLODataset",
     "apply_class_map",
     "collate_detection",
+    "dataset_boxes",
     "eval_transforms",
     "export_dataset",
     "get_format",

@@ -343,11 +343,19 @@ class RelabeledDataset(Dataset[tuple[Tensor, Target]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        image, target = self.dataset[index]
+    def _relabel(self, target: Target) -> Target:
         labels = self.mapping[target["labels"]]
         keep = labels >= 0
-        return image, {**target, "boxes": target["boxes"][keep], "labels": labels[keep]}
+        return {**target, "boxes": target["boxes"][keep], "labels": labels[keep]}
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image, target = self.dataset[index]
+        return image, self._relabel(target)
+
+    def get_target(self, index: int) -> Target:
+        """The relabelled target of item ``index``, without decoding when the source can."""
+        get = getattr(self.dataset, "get_target", None)
+        return self._relabel(get(index) if callable(get) else self.dataset[index][1])
 
 
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):

@@ -251,6 +251,14 @@ class DetectionTransform(nn.Module):
             size_divisible=self.size_divisible,
         )
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` an ``height x width`` image has inside the network (before padding).
+
+        >>> DetectionTransform(max_size=1024).resized_size(2048, 1536)
+        (1024, 768)
+        """
+        return _resized_size(int(height), int(width), self.min_size, self.max_size, self.image_size)
+
     def extra_repr(self) -> str:
         return (
             f"min_size={self.min_size}, max_size={self.max_size}, image_size={self.image_size}, "

@@ -9,7 +9,8 @@
   images with sliced inference (the tiles of training, merged), as a user would run the model.
 * :func:`build_model` — a model of :data:`fewsight.hub.MODELS` by its config ``name``, with the
   training set's classes; the model describes itself (``to_spec``), so its file is rebuilt without
-  the config.
+  the config. ``anchor_generator: auto`` is resolved first (:func:`resolve_anchors`: anchors fitted to
+  the training boxes, :mod:`fewsight.train.anchors`).
 
 Example:
     >>> from fewsight.train.config import DatasetConfig
@@ -27,7 +28,9 @@ from torch import nn
 
 from fewsight.data import FORMATS, ImageFileDataset, RelabeledDataset, TiledDataset, apply_class_map, get_format
 from fewsight.errors import ConfigError, InvalidArgumentError
+from fewsight.geometry import AnchorProposal
 from fewsight.hub import MODELS
+from fewsight.train.anchors import AUTO, fit_anchors
 from fewsight.train.config import DataConfig, DatasetConfig, ModelConfig
 
 __all__ = ["build_dataset", "build_datasets", "build_model", "dataset_class", "evaluation_view"]
@@ -115,6 +118,21 @@ def build_datasets(cfg: DataConfig) -> tuple[Any, Any, Any]:
     return out[0], out[1], out[2]
 
 
+def resolve_anchors(cfg: ModelConfig, train_set: Any) -> tuple[ModelConfig, AnchorProposal | None]:
+    """``cfg`` with ``anchor_generator: auto`` replaced by anchors fitted to ``train_set``
+    (:func:`fewsight.train.anchors.fit_anchors`, deterministic: a resumed run fits the same), and the
+    proposal; ``(cfg, None)`` when the config names its anchors."""
+    if cfg.kwargs.get("anchor_generator") != AUTO:
+        return cfg, None
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "anchor_generator"}
+    probe = build_model(ModelConfig(cfg.name, cfg.num_classes, kwargs), train_set.classes, pretrained=False)
+    try:
+        proposal = fit_anchors(probe, train_set)
+    except InvalidArgumentError as exc:
+        raise ConfigError(f"model.{exc}") from None
+    return ModelConfig(cfg.name, cfg.num_classes, {**kwargs, "anchor_generator": proposal.config()}), proposal
+
+
 def build_model(cfg: ModelConfig | dict[str, Any], classes: Sequence[str] | None = None, *, pretrained: bool = True) -> nn.Module:
     """Instantiate the model of ``cfg`` for ``classes`` (``num_classes`` defaults to ``len(classes)``).
 
@@ -124,6 +142,9 @@ def build_model(cfg: ModelConfig | dict[str, Any], classes: Sequence[str] | None
     """
     if isinstance(cfg, dict):
         cfg = ModelConfig(name=cfg["name"], num_classes=cfg.get("num_classes"), kwargs=dict(cfg.get("kwargs", {})))
+    if cfg.kwargs.get("anchor_generator") == AUTO:
+        raise ConfigError(f"model.anchor_generator: '{AUTO}' needs the training set: resolve_anchors(cfg, train_set) "
+                          "first (train does)")
     name = str(cfg.name).lower()
     if name not in MODELS:
         raise ConfigError(f"model.name: expected one of {sorted(MODELS)}, got {cfg.name!r}")

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from fewsight.errors import CheckpointError, ConfigError, MissingDependencyError
@@ -56,7 +57,7 @@ from fewsight.eval.evaluate import evaluate_model
 from fewsight.eval.io import write_json
 from fewsight.eval.plots import plot_detection_grid, plot_precision_recall
 from fewsight.hub import check_finite_weights, load_checkpoint_file, save_model, short_reason
-from fewsight.train.builders import build_datasets, build_model, evaluation_view
+from fewsight.train.builders import build_datasets, build_model, evaluation_view, resolve_anchors
 from fewsight.train.checkpoint import AtomicCheckpointIO
 from fewsight.train.config import TrainConfig, load_config, max_time, save_config
 from fewsight.train.data import DetectionDataModule, sample_seed
@@ -416,7 +417,11 @@ def train_detector(
     out_dir, ckpt_path = prepare_run(cfg)
 
     train_set, val_set, test_set = build_datasets(cfg.data)
-    model = build_model(cfg.model, train_set.classes)
+    model_cfg, anchors = resolve_anchors(cfg.model, train_set)
+    if anchors is not None:
+        rank_zero_info(f"anchor_generator: auto -> {anchors.config()} (best-possible recall {anchors.recall:.3f}, "
+                       f"the model's default anchors {anchors.current_recall:.3f})")
+    model = build_model(model_cfg, train_set.classes)
     spec = model.to_spec()
     module = DetectorModule(
         model, optimizer=cfg.optimizer, schedule=cfg.schedule, class_names=list(train_set.classes), model_spec=spec

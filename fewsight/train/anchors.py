@@ -1,0 +1,84 @@
+"""``anchor_generator: auto``: a detector's anchors fitted to its training boxes before training.
+
+:func:`network_boxes` reads a dataset's boxes (:func:`fewsight.data.dataset_boxes`) and scales them
+as the detector's transform resizes their images, or their tiles for a
+:class:`~fewsight.data.TiledDataset` (the network sees a tile, not the image); :func:`fit_anchors`
+runs :func:`fewsight.geometry.propose_anchors` on them against the detector's own anchors, at its
+matcher's foreground threshold. The result is a concrete ``anchor_generator`` mapping: the model's
+file stores it, so a saved model never depends on the data again. ``fewsight anchors --config``
+prints what a config's ``auto`` resolves to.
+
+Example:
+    >>> from fewsight.data import DigitsDataset
+    >>> from fewsight.models import RetinaNet
+    >>> model = RetinaNet(10, backbone="mobilenet_v2", levels=(3, 4, 5), fpn_channels=8)
+    >>> p = fit_anchors(model, DigitsDataset("train", num_images=8, image_size=128))
+    >>> p.recall >= p.current_recall, sorted(p.config())
+    (True, ['aspect_ratios', 'levels', 'scales', 'sizes'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewsight.data import TiledDataset, dataset_boxes
+from fewsight.errors import DataError, InvalidArgumentError
+from fewsight.geometry import AnchorGenerator, AnchorProposal, propose_anchors
+
+__all__ = ["AUTO", "MAX_IMAGES", "fit_anchors", "network_boxes"]
+
+#: The ``model.anchor_generator`` value that asks for anchors fitted to the training set.
+AUTO = "auto"
+#: Images read to fit anchors (an even sample of larger datasets): box shapes settle long before.
+MAX_IMAGES = 200
+
+
+def network_boxes(
+    model: nn.Module, dataset: Any, *, max_images: int | None = MAX_IMAGES, advance: Callable[[], None] | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(boxes: Tensor[N, 4], input_sizes: Tensor[N, 2])`` float64: ``dataset``'s boxes in the pixels of
+    ``model``'s input (its ``transform`` resizing each image, or each tile of a TiledDataset)."""
+    boxes, sizes = dataset_boxes(dataset, max_images=max_images, advance=advance)
+    transform = getattr(model, "transform", None)
+    if len(boxes) == 0 or transform is None:
+        return boxes, sizes
+    if isinstance(dataset, TiledDataset):
+        th, tw = dataset.size
+        # A tile smaller than the image; an image smaller than a tile is one tile of its own size.
+        frames = torch.stack((sizes[:, 0].clamp(max=th), sizes[:, 1].clamp(max=tw)), dim=1)
+    else:
+        frames = sizes
+    unique, inverse = torch.unique(frames, dim=0, return_inverse=True)
+    resized = torch.tensor([transform.resized_size(int(h), int(w)) for h, w in unique.tolist()], dtype=torch.float64)
+    scale = (resized / unique)[inverse]  # (s_y, s_x) per box
+    boxes = boxes * torch.stack((scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]), dim=1)
+    return boxes, (frames * scale).round().clamp(min=1)
+
+
+def fit_anchors(
+    model: nn.Module, dataset: Any, *, max_images: int | None = MAX_IMAGES, clusters: int = 9, seed: int = 0,
+    advance: Callable[[], None] | None = None,
+) -> AnchorProposal:
+    """Anchors for ``model`` fitted to ``dataset`` (see the module docstring); never worse than the model's own.
+
+    Raises :class:`~fewsight.errors.InvalidArgumentError` for a detector without an
+    :class:`~fewsight.geometry.AnchorGenerator` (SSD's default boxes) and
+    :class:`~fewsight.errors.DataError` for a dataset without boxes.
+    """
+    current = getattr(model, "anchor_generator", None)
+    if not isinstance(current, AnchorGenerator):
+        raise InvalidArgumentError(f"anchor_generator: '{AUTO}' fits an AnchorGenerator (RetinaNet, DLDENet); "
+                                   f"{type(model).__name__} has {type(current).__name__}")
+    boxes, sizes = network_boxes(model, dataset, max_images=max_images, advance=advance)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    keep = (wh > 0).all(dim=1)
+    if not bool(keep.any()):
+        raise DataError(type(dataset).__name__, "no boxes in the dataset: there are no anchors to fit")
+    assigner = getattr(model, "assigner", None)
+    threshold = float(getattr(assigner, "object_threshold", 0.5))
+    return propose_anchors(boxes[keep], sizes[keep], current, clusters=min(clusters, int(keep.sum())),
+                           threshold=threshold, seed=seed)
