@@ -40,8 +40,9 @@ MAX_IMAGES = 200
 def network_boxes(
     model: nn.Module, dataset: Any, *, max_images: int | None = MAX_IMAGES, advance: Callable[[], None] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``(boxes: Tensor[N, 4], input_sizes: Tensor[N, 2])`` float64: ``dataset``'s boxes in the pixels of
-    ``model``'s input (its ``transform`` resizing each image, or each tile of a TiledDataset)."""
+    """``(boxes: Tensor[N, 4], image_sizes: Tensor[N, 2])`` float64: ``dataset``'s boxes and their images'
+    sizes scaled to the pixels of ``model``'s input (its ``transform`` resizing each image, or each tile
+    of a TiledDataset: a tile is resized, not the image)."""
     boxes, sizes = dataset_boxes(dataset, max_images=max_images, advance=advance)
     transform = getattr(model, "transform", None)
     if len(boxes) == 0 or transform is None:
@@ -56,7 +57,9 @@ def network_boxes(
     resized = torch.tensor([transform.resized_size(int(h), int(w)) for h, w in unique.tolist()], dtype=torch.float64)
     scale = (resized / unique)[inverse]  # (s_y, s_x) per box
     boxes = boxes * torch.stack((scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]), dim=1)
-    return boxes, (frames * scale).round().clamp(min=1)
+    # Image coordinates even for tiles: the anchor grid is the same in every tile up to a shift of
+    # less than a stride, which the best-possible recall of a box does not depend on much.
+    return boxes, (sizes * scale).round().clamp(min=1)
 
 
 def fit_anchors(
