@@ -28,9 +28,9 @@ def add_tile_options(p: argparse.ArgumentParser) -> None:
                    "with small objects; default: the whole image at once)")
     g.add_argument("--overlap", type=float, default=0.2, help="with --tile: overlap of neighbouring tiles, a fraction "
                    "of the tile (default 0.2; an overlap of at least an object's size keeps each object whole in some tile)")
-    g.add_argument("--merge", choices=("greedy", "nms"), default="greedy",
-                   help="with --tile: join an object's detections from several tiles into their union (greedy, "
-                   "default) or keep the best (class-wise NMS)")
+    g.add_argument("--merge", choices=("nms", "greedy"),
+                   help="with --tile: keep the best of overlapping detections (class-wise NMS, default), or also "
+                   "join the parts of an object cut by a tile border into one detection (greedy: counts objects)")
     g.add_argument("--full-image", action="store_true",
                    help="with --tile: also run on the whole image downscaled to one tile (objects larger than a tile)")
     g.add_argument("--max-detections", type=int, metavar="N",
@@ -51,10 +51,10 @@ def check_tile_options(args: argparse.Namespace) -> dict[str, Any] | None:
             raise InvalidArgumentError(f"{flag}: expected an int >= 1, got {value}")
     check_float("--overlap", args.overlap, low=0.0, high=0.95)
     if args.tile is None:
-        if args.full_image or args.merge != "greedy" or args.overlap != 0.2:
+        if args.full_image or args.merge is not None or args.overlap != 0.2:
             raise InvalidArgumentError("--overlap/--merge/--full-image: expected --tile SIZE with them, got no --tile")
         return None
-    return {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
+    return {"tile": args.tile, "overlap": args.overlap, "merge": args.merge or "nms", "full_image": args.full_image,
             "batch_size": args.batch_size, "max_detections": args.max_detections,
             "detections_per_tile": args.max_detections}
 

@@ -3,7 +3,7 @@
 :func:`predict_sliced` runs a detector over overlapping tiles of one image (batched, in eval mode),
 shifts each tile's boxes back to image coordinates, optionally adds a pass over the whole image
 downscaled to one tile, and merges the detections of objects seen by several tiles with class-wise
-NMS or with greedy merging (:func:`greedy_merge`, SAHI's GREEDYNMM). :class:`SlicedDetector` wraps a
+NMS or with greedy merging of the boxes cut by tile borders (:func:`greedy_merge`, SAHI's GREEDYNMM). :class:`SlicedDetector` wraps a
 detector so that anything taking a detector (``fewsight.eval.evaluate_model``, ``predict``) runs it
 sliced.
 
@@ -113,9 +113,9 @@ def greedy_merge(
 
     In decreasing score order, a box not yet merged keeps itself and absorbs every later box of the
     same label, not yet merged, whose overlap with it (``metric``: ``"iou"`` or ``"ios"``,
-    intersection over the smaller area) is ``>= threshold``; an absorbed box absorbs nothing. The
-    merged detection is the union of its group's boxes with the keeper's score (the group's highest)
-    and label: see :func:`predict_sliced`. Overlapping pairs come from a sweep along x (only boxes
+    intersection over the smaller area) is ``>= threshold``; an absorbed box absorbs nothing. A group
+    is one detection with the keeper's score (the group's highest) and label (:func:`predict_sliced`
+    gives it its box). Overlapping pairs come from a sweep along x (only boxes
     whose x-ranges overlap are compared, in blocks: memory ``O(block + pairs)``); only boxes that
     have a partner enter the Python loop. ``mergeable: Bool[K]`` restricts merging to pairs with at
     least one mergeable box (:func:`predict_sliced`: boxes cut by a tile border).
@@ -160,12 +160,21 @@ def _merge(boxes: Tensor, scores: Tensor, labels: Tensor, cut: Tensor, merge: st
         return boxes, scores, labels
     # Only parts cut by a tile border merge: a union of two whole neighbours in a crowd is a wrong box.
     group = greedy_merge(boxes, scores, labels, threshold, metric=metric, mergeable=cut)
+    n = len(group)
     union = torch.cat((boxes[:, :2], -boxes[:, 2:]), dim=1)  # amin of (x1, y1, -x2, -y2): one reduction
     union = union.new_full(union.shape, float("inf")).scatter_reduce_(
         0, group[:, None].expand(-1, 4), union, reduce="amin", include_self=True)
-    keep = torch.nonzero(group == torch.arange(len(group), device=group.device)).squeeze(1)
-    merged = union[keep]
-    return torch.cat((merged[:, :2], -merged[:, 2:]), dim=1), scores[keep], labels[keep]
+    union = torch.cat((union[:, :2], -union[:, 2:]), dim=1)
+    # A group member its tile saw whole gives the group's box (the best-scoring one): a part's box,
+    # regressed from a truncated view, often overshoots, and its union with the whole box is too big.
+    rank = torch.empty(n, dtype=torch.long, device=group.device)
+    rank[torch.sort(scores, descending=True, stable=True).indices] = torch.arange(n, device=group.device)
+    by_rank = torch.argsort(rank)
+    whole_rank = torch.where(cut, torch.full_like(rank, n), rank)
+    best = torch.full_like(rank, n).scatter_reduce_(0, group, whole_rank, reduce="amin", include_self=True)
+    merged = torch.where((best < n)[:, None], boxes[by_rank[best.clamp(max=n - 1)]], union)
+    keep = torch.nonzero(group == torch.arange(n, device=group.device)).squeeze(1)
+    return merged[keep], scores[keep], labels[keep]
 
 
 def _check_image(image: Any) -> Tensor:
@@ -256,7 +265,7 @@ def predict_sliced(
     overlap: float = 0.2,
     batch_size: int = 4,
     full_image: bool = False,
-    merge: str = "greedy",
+    merge: str = "nms",
     iou_threshold: float = 0.5,
     match_metric: str = "ios",
     max_detections: int | None = None,
@@ -271,15 +280,16 @@ def predict_sliced(
     also one pass over the image downscaled so its longer side is the tile size (large objects no
     tile holds whole); then merged with ``merge``:
 
-    * ``"nms"``: class-wise NMS at ``iou_threshold`` (``torchvision.ops.batched_nms``): the same
-      object seen whole by two tiles is one detection, but a part whose IoU with the whole box is at
-      most the threshold stays a second detection;
-    * ``"greedy"`` (default): that NMS, then greedy merging (:func:`greedy_merge`, SAHI's GREEDYNMM)
-      restricted to boxes cut by a tile border (an edge within :data:`BORDER_PX` of a tile edge
-      inside the image): such a box and a box of its class whose ``match_metric`` (``"ios"``:
-      intersection over the smaller box, or ``"iou"``) with it is ``>= iou_threshold`` merge into
-      their union with the higher score, so an object cut by a border (a whole box in one tile, a
-      part in the next, or two parts) is one detection, while neighbours in a crowd stay apart.
+    * ``"nms"`` (default): class-wise NMS at ``iou_threshold`` (``torchvision.ops.batched_nms``): the
+      same object seen whole by two tiles is one detection, but a part whose IoU with the whole box
+      is at most the threshold stays a second, usually weaker, detection;
+    * ``"greedy"``: that NMS, then greedy merging (:func:`greedy_merge`, SAHI's GREEDYNMM) restricted
+      to boxes cut by a tile border (an edge within :data:`BORDER_PX` of a tile edge inside the
+      image): such a box and a box of its class whose ``match_metric`` (``"ios"``: intersection over
+      the smaller box, or ``"iou"``) with it is ``>= iou_threshold`` are one detection with the higher
+      score, so an object cut by a border is counted once while neighbours in a crowd stay apart. Its
+      box is the best-scoring member some tile saw whole, or the union of the parts when every member
+      is cut. Choose it to count objects; NMS ranks detections slightly better for AP.
 
     ``detections_per_tile`` raises (or lowers) the model's own per-image cap for the call
     (``detections_per_image``; restored afterwards): a crowded tile needs more than the default 100.

@@ -76,6 +76,30 @@ def test_box_cut_by_a_tile_border_merges_to_one_detection():
     assert greedy["scores"].tolist() == pytest.approx([0.9])
 
 
+class Overshoot(Oracle):
+    """An Oracle whose box of a part cut by a tile's right border runs ``px`` pixels past the object's
+    bottom (a part's box, regressed from a truncated view, is sloppy)."""
+
+    def __init__(self, *args, px=6.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.px = px
+
+    def forward(self, images):
+        out = super().forward(images)
+        for o, im in zip(out, images):
+            cut = o["boxes"][:, 2] >= im.shape[-1] - 1
+            o["boxes"][cut, 3] += self.px
+        return out
+
+
+def test_greedy_keeps_the_box_a_tile_saw_whole_not_its_union_with_a_sloppy_part():
+    image = coordinate_image(100, 300)
+    gt = [[85.0, 20.0, 115.0, 50.0]]  # whole in the tile at x 80, cut in the tile at x 0
+    out = predict_sliced(Overshoot(gt, [1]), image, tile=100, overlap=0.2, merge="greedy")
+    assert out["boxes"].tolist() == gt  # a union would reach y 56
+    assert out["scores"].tolist() == pytest.approx([0.9])
+
+
 def test_box_no_tile_holds_whole_merges_into_its_union():
     image = coordinate_image(64, 192)
     gt = [[40.0, 10.0, 90.0, 30.0]]  # 50 px wide, tiles 64 px every 32 px: never whole in a tile
