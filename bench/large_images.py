@@ -7,11 +7,19 @@ test split, seed ``--seed``), three ways to run the detector:
 * ``whole``: the whole canvas at once, as the model resizes it (``min_size`` / ``max_size``; a model without
   them runs at full resolution), or shrunk to ``--whole-size`` px on its longer side first (a detector with a
   fixed input: a 12 px digit of a 2,048 px canvas is 3 px at 512);
-* ``sliced``: ``fewsight.models.predict_sliced``, ``--tile`` px tiles overlapping by ``--overlap``, greedy
-  merging (an object cut by a tile border is one detection);
-* ``sliced-nms``: the same tiles, class-wise NMS instead of greedy merging (neighbouring digits of one class
-  are never merged into their union);
+* ``sliced``: ``fewsight.models.predict_sliced``, ``--tile`` px tiles overlapping by ``--overlap``, merged by
+  class-wise NMS (the default);
+* ``sliced-greedy``: the same tiles, greedy merging of the boxes cut by a tile border (an object cut by a
+  border is one detection);
 * ``sliced-full``: ``sliced`` plus one pass over the whole canvas downscaled to a tile (``full_image=True``).
+
+Training on tiles against training on downscaled canvases, on one wall-clock budget (``--train MINUTES``):
+``configs/digits_large_tiles.yaml`` (random 512 px crops at full resolution) and
+``configs/digits_large_downscaled.yaml`` (whole canvases the model shrinks to 1,024 px), both with
+``anchor_generator: auto``, are trained at the same time, one thread and no loader worker each (so the load
+of the machine falls on both alike), into ``--runs`` (default ``runs/``); then each model runs as it was
+trained: the tile model sliced (and whole, at full resolution), the downscaled one whole. Models already in
+``--runs`` are evaluated without training again unless ``--retrain``.
 
 Per mode: AP50 and AP (COCO AP@[.50:.95]) over all digits and over the "small" ones (area < 32 x 32 px,
 most digits here), detections per image, and seconds per image (inference only, the canvas already drawn;
@@ -23,6 +31,7 @@ objects of one canvas).
     python bench/large_images.py --checkpoint runs/digits/model.pt                      # 10 canvases, tile 512
     python bench/large_images.py --checkpoint runs/digits/model.pt --tile 256 --overlap 0.25 --num-images 20
     python bench/large_images.py --checkpoint model.pt --device cuda --batch-size 16
+    python bench/large_images.py --train 35 --num-images 10                             # tiles vs downscaled
 
 Prints the versions, the machine and a Markdown table.
 """
@@ -33,7 +42,10 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +59,9 @@ from fewsight.hub import load_model
 from fewsight.models import detection_cap, predict_sliced
 
 
-MODES = ("whole", "sliced", "sliced-nms", "sliced-full")
+MODES = ("whole", "sliced", "sliced-greedy", "sliced-full")
+TRAININGS = ("tiles", "downscaled")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _metric(max_detections: int) -> MeanAveragePrecision:
@@ -94,7 +108,7 @@ def run_mode(model, canvases, targets, mode: str, args: argparse.Namespace, devi
         else:
             pred = predict_sliced(model, image.to(device), tile=args.tile, overlap=args.overlap,
                                   batch_size=args.batch_size, full_image=mode == "sliced-full",
-                                  merge="nms" if mode == "sliced-nms" else "greedy",
+                                  merge="greedy" if mode == "sliced-greedy" else "nms",
                                   max_detections=args.max_detections, detections_per_tile=args.max_detections)
         _sync(device)
         if k > 0 or len(canvases) == 1:  # the first image warms up (allocations, kernels)
@@ -103,21 +117,74 @@ def run_mode(model, canvases, targets, mode: str, args: argparse.Namespace, devi
         counts.append(len(pred["boxes"]))
         metric.update([pred], [targets[k]])
     precision = metric.compute()["precision"]
-    return {"mode": mode, "ap50": _ap(precision, 0, 0), "ap50_small": _ap(precision, 0, 1),
+    return {"mode": mode if args.whole_size is None or mode != "whole" else f"whole at {args.whole_size} px",
+            "ap50": _ap(precision, 0, 0), "ap50_small": _ap(precision, 0, 1),
             "ap": _ap(precision, slice(None), 0), "ap_small": _ap(precision, slice(None), 1),
             "detections": statistics.mean(counts), "seconds": statistics.mean(seconds)}
 
 
+def train_both(args: argparse.Namespace) -> dict[str, Path]:
+    """Train the tiles and the downscaled configs side by side on one budget; their model files."""
+    runs = Path(args.runs)
+    models = {name: runs / f"digits_large_{name}" / "model.pt" for name in TRAININGS}
+    todo = [n for n in TRAININGS if args.retrain or not models[n].is_file()]
+    procs = []
+    for name in todo:
+        out = runs / f"digits_large_{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "fewsight.cli", "train", "--config", str(ROOT / f"configs/digits_large_{name}.yaml"),
+               "--set", f"out_dir={out}", "--set", f"trainer.max_time={round(args.train * 60)}", "--set", "trainer.threads=1",
+               "--set", "data.num_workers=0", "--set", "trainer.progress_bar=false",
+               "--set", "checkpoint.resume=false"]
+        print(f"training {name} for {args.train} min: {' '.join(cmd[1:])}", flush=True)
+        procs.append((name, subprocess.Popen(cmd, stdout=open(out / "train.log", "w"), stderr=subprocess.STDOUT)))
+    for name, proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"training {name} failed: see {runs / f'digits_large_{name}' / 'train.log'}")
+    return models
+
+
+def evaluate_trainings(models: dict[str, Path], canvases, targets, args, device) -> list[dict]:
+    rows = []
+    for name, path in models.items():
+        model = load_model(path).to(device).eval()
+        steps = _steps(path.parent)
+        modes = ("sliced", "whole") if name == "tiles" else ("whole",)
+        for mode in modes:
+            r = run_mode(model, canvases, targets, mode, args, device)
+            size = model.max_size or "full resolution"
+            r["mode"] = f"trained on {name} ({steps} steps), {'sliced' if mode == 'sliced' else f'whole at {size}'}"
+            rows.append(r)
+    return rows
+
+
+def _steps(run: Path) -> str:
+    """Optimizer steps of a run, from its CSV log (the last logged step)."""
+    log = run / "logs" / "metrics.csv"
+    if not log.is_file():
+        return "?"
+    import csv
+
+    with open(log) as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
+    return str(max(steps) + 1) if steps else "?"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a detector file trained on digits (model.pt)")
+    p.add_argument("--checkpoint", help="a detector file trained on digits (model.pt); not with --train")
+    p.add_argument("--train", type=float, metavar="MINUTES",
+                   help="train the tiles and the downscaled configs on this budget each (side by side), then compare")
+    p.add_argument("--runs", default=str(ROOT / "runs"), help="--train: where the two runs go (default runs/)")
+    p.add_argument("--retrain", action="store_true", help="--train: train again even if the models exist")
     p.add_argument("--num-images", type=int, default=10, help="test canvases (default 10)")
     p.add_argument("--image-size", type=int, default=2048, help="canvas side (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="canvas seed of the test split (default 0)")
     p.add_argument("--tile", type=int, default=512, help="tile side of sliced inference (default 512)")
     p.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of the tile (default 0.2)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
-    p.add_argument("--max-detections", type=int, default=1000, help="detections kept and scored per image (1000)")
+    p.add_argument("--max-detections", type=int, default=2000, help="detections kept and scored per image, and per "
+                   "tile (default 2000)")
     p.add_argument("--whole-size", type=int, help="whole mode: shrink the canvas to this longer side first "
                    "(default: the model's own resizing)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help=f"default: {' '.join(MODES)}")
@@ -127,7 +194,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = load_model(args.checkpoint).to(device).eval()
+    if (args.checkpoint is None) == (args.train is None):
+        raise SystemExit("expected --checkpoint FILE or --train MINUTES")
+    models = train_both(args) if args.train is not None else None
+    model = load_model(args.checkpoint or models["tiles"]).to(device).eval()
     classes = list(model.classes)
     if not all(c.isdigit() and len(c) == 1 for c in classes):
         raise SystemExit(f"--checkpoint: expected a model of digit classes (0-9), got classes {classes}")
@@ -144,11 +214,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, fewsight {fewsight.__version__}, "
           f"python {platform.python_version()}; {hw}")
     objects = sum(len(t["boxes"]) for t in targets)
-    print(f"{args.checkpoint}: {type(model).__name__}, classes {classes}, min_size {getattr(model, 'min_size', None)}, "
-          f"max_size {getattr(model, 'max_size', None)}; {len(canvases)} canvases of {args.image_size} px "
+    print(f"{args.checkpoint or 'trained: ' + ', '.join(map(str, models.values()))}: {type(model).__name__}, "
+          f"classes {classes}; {len(canvases)} canvases of {args.image_size} px "
           f"({objects} digits, seed {args.seed}); tile {args.tile}, overlap {args.overlap}, batch {args.batch_size}, "
           f"max detections {args.max_detections}, whole size {args.whole_size or 'as the model resizes'}")
-    rows = [run_mode(model, canvases, targets, mode, args, device) for mode in args.modes]
+    if models is not None:
+        rows = evaluate_trainings(models, canvases, targets, args, device)
+    else:
+        rows = [run_mode(model, canvases, targets, mode, args, device) for mode in args.modes]
     print()
     print("| mode | AP50 | AP50 small | AP | AP small | detections / image | s / image |")
     print("|---|---:|---:|---:|---:|---:|---:|")
