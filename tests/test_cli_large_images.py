@@ -164,6 +164,36 @@ def test_eval_max_pixels_reaches_the_reader(model_file, tmp_path, capsys):
                  "--quiet"]) == 0
 
 
+def test_eval_tile_reads_image_files_as_uint8(model_file, tmp_path, capsys, monkeypatch):
+    import fewsight.data.dataset as dataset
+    from fewsight.data import write_csv
+
+    g = np.random.default_rng(3)
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(g.integers(0, 256, (96, 130, 3), dtype=np.uint8)).save(images[-1])
+    csv = tmp_path / "ann.csv"
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    write_csv(csv, images, targets, ["0", "1"])
+    dtypes, real = [], dataset.load_image
+
+    def spy(path, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(dataset, "load_image", spy)
+    metrics = {}
+    for tile, out in ((None, "whole"), ("64", "sliced")):
+        extra = [] if tile is None else ["--tile", tile, "--overlap", "0.25"]
+        assert main(["eval", "--checkpoint", str(model_file), "--data", str(csv), "--quiet", "--out",
+                     str(tmp_path / out), *extra]) == 0
+        metrics[out] = json.loads((tmp_path / out / "metrics.json").read_text())
+    assert torch.float32 in dtypes and torch.uint8 in dtypes
+    assert set(dtypes[dtypes.index(torch.uint8):]) == {torch.uint8}  # every image of the sliced run
+    assert metrics["whole"]["num_images"] == metrics["sliced"]["num_images"] == 2
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "I;16", "CMYK"])
 def test_uint8_decode_equals_load_image(tmp_path, mode):
     g = np.random.default_rng(2)

@@ -103,15 +103,22 @@ def with_crop_embedder(model: Any, path: str | None) -> Any:
 
 
 def eval_dataset(args: argparse.Namespace, classes: list[str], **options: Any) -> Any:
-    """The ``--data`` dataset labelled in the model's ``classes`` (digits: held-out test canvases);
-    ``options`` go to :func:`fewsight.data.open_dataset` (``class_map``, ``max_pixels``)."""
+    """The ``--data`` dataset labelled in the model's ``classes`` (digits / digits_large: held-out test
+    canvases, ``--num-images`` of them); ``options`` go to :func:`fewsight.data.open_dataset`
+    (``class_map``, ``max_pixels``)."""
     from fewsight.data import open_dataset
+    from fewsight.errors import InvalidArgumentError
     from fewsight.fewshot.digits import TEST_SEED
 
+    generated = {"digits": 200, "digits_large": 10}  # default canvases
     with flag_errors("--images", "images"), flag_errors("--format", "format"), flag_errors("--class-map", "class_map"):
-        if (args.format or args.data) == "digits":
-            return open_dataset(None, "digits", classes=classes, split="test", num_images=args.num_images,
-                                seed=TEST_SEED, **options)
+        name = args.format or args.data
+        if name in generated:
+            return open_dataset(None, name, classes=classes, split="test", seed=TEST_SEED,
+                                num_images=args.num_images or generated[name], **options)
+        if args.num_images is not None:
+            raise InvalidArgumentError(f"--num-images: only for the generated digits / digits_large, got --data "
+                                       f"{args.data}")
         return open_dataset(args.data, args.format, classes=classes, images=args.images, **options)
 
 

@@ -22,7 +22,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="a model file (model.pt from training, or enroll's output) or a .ckpt")
     add_data_source(p, "--data", "a COCO .json, a CSV file, a VOC folder (with Annotations/), a YOLO image folder, "
                     "or 'digits'")
-    p.add_argument("--num-images", type=int, default=200, help="digits: number of held-out canvases (default 200)")
+    p.add_argument("--num-images", type=int, help="digits / digits_large: number of held-out canvases (default 200 "
+                   "digits, 10 digits_large)")
     p.add_argument("--batch-size", type=int, default=8, help="images (tiles with --tile) per forward pass (8)")
     p.add_argument("--out", help="folder for metrics.json, pr_curve.png and detections.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -33,6 +34,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewsight.data import ImageFileDataset, RelabeledDataset
     from fewsight.errors import DataError, InvalidArgumentError
     from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
     from fewsight.hub import load_model
@@ -45,18 +49,25 @@ def run(args: argparse.Namespace) -> int:
     classes = list(model.classes)
     options: dict[str, Any] = {"class_map": read_class_map(args.class_map)}
     if args.max_pixels is not None:
-        if (args.format or args.data) == "digits":
-            raise InvalidArgumentError("--max-pixels: expected an image-file dataset, got the generated digits")
+        if (args.format or args.data) in ("digits", "digits_large"):
+            raise InvalidArgumentError(f"--max-pixels: expected an image-file dataset, got the generated "
+                                       f"{args.format or args.data}")
         options["max_pixels"] = args.max_pixels
     dataset = eval_dataset(args, classes, **options)
     if len(dataset) == 0:
         raise DataError(args.data, "the dataset has no images")
+    files = dataset
+    while isinstance(files, RelabeledDataset):
+        files = files.dataset
+    if sliced is not None and isinstance(files, ImageFileDataset):
+        files.image_dtype = torch.uint8  # tiles are cut from 3 bytes per pixel, not 12
     # Sliced: one image at a time through the wrapper, whose tiles are batched by --batch-size.
     detector = model if sliced is None else SlicedDetector(model, **sliced)
     with detection_cap(model, args.max_detections if sliced is None else None):
         metrics, predictions = evaluate_model(
             detector, dataset, args.batch_size if sliced is None else 1, class_names=classes,
             progress=not args.quiet, pr_curves=out is not None, return_predictions=True,
+            max_detections=max(100, args.max_detections or 100),
         )
     curves = metrics.pop("pr_curves", None)
     if metrics.get("num_ground_truth") == 0:
@@ -69,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             plot_precision_recall(curves, path=out / "pr_curve.png")
         n = min(8, len(dataset))
         samples = [dataset[i] for i in range(n)]
-        plot_detection_grid([s[0] for s in samples], predictions[:n], [s[1] for s in samples], classes,
+        plot_detection_grid([s[0].float() / 255 if s[0].dtype == torch.uint8 else s[0] for s in samples], predictions[:n], [s[1] for s in samples], classes,
                             out / "detections.png")
         print(f"wrote {out / 'metrics.json'}")
     return 0

@@ -35,7 +35,8 @@ def add_tile_options(p: argparse.ArgumentParser) -> None:
                    help="with --tile: also run on the whole image downscaled to one tile (objects larger than a tile)")
     g.add_argument("--max-detections", type=int, metavar="N",
                    help="keep at most N detections per image (and per tile with --tile; default: the model's "
-                   "detections_per_image, all merged ones with --tile)")
+                   "detections_per_image, all merged ones with --tile); eval also scores up to N per image and "
+                   "class (COCO's 100 otherwise): crowded images need it")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="read images of up to N pixels (default: Pillow's limit, about 89 million; larger ones are "
                    "refused as possible decompression bombs)")

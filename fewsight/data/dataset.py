@@ -431,6 +431,9 @@ class ImageFileDataset(DetectionDataset):
     ``verify_images=True`` — otherwise ``__getitem__`` raises :class:`~fewsight.errors.DataError`
     naming it. ``max_pixels`` bounds the pixels of each image (``None``: Pillow's
     ``Image.MAX_IMAGE_PIXELS``); a larger one is a ``DataError`` (or a skip) at indexing time.
+    ``image_dtype`` (an attribute, default ``torch.float32`` in ``[0, 1]``) may be set to ``torch.uint8``
+    for consumers that take such images (sliced inference: a quarter of the memory of a float image);
+    training transforms expect floats.
     """
 
     def __init__(
@@ -454,6 +457,7 @@ class ImageFileDataset(DetectionDataset):
         self.verify_images = bool(verify_images)
         self.min_size = float(min_size)
         self.max_pixels = max_pixels
+        self.image_dtype = torch.float32
         self._paths = np.array([], dtype=str)
         self._sizes = np.zeros((0, 2), dtype=np.int64)
         self._boxes = np.zeros((0, 4), dtype=np.float32)
@@ -582,5 +586,5 @@ class ImageFileDataset(DetectionDataset):
         }
 
     def load(self, index: int) -> tuple[Tensor, Target]:
-        image = load_image(self._paths[index], max_pixels=self.max_pixels)
+        image = load_image(self._paths[index], max_pixels=self.max_pixels, dtype=self.image_dtype)
         return image, self.get_target(index)

@@ -117,8 +117,11 @@ def evaluate_model(
     pr_curves: bool = False,
     return_predictions: bool = False,
     description: str = "evaluate",
+    max_detections: int = 100,
 ) -> Any:
     """COCO metrics of ``model`` on ``dataset`` (items ``(image, target)``) via :class:`DetectionEvaluator`.
+
+    ``max_detections``: the detections per image and class COCO scores (raise it for crowds).
 
     Returns the metrics dict of :func:`~fewsight.eval.evaluate_detections` plus
     ``"seconds"`` and ``"images_per_second"`` (inference + evaluation wall time); with
@@ -130,7 +133,7 @@ def evaluate_model(
     if class_names is None:
         class_names = getattr(model, "classes", None) or getattr(dataset, "classes", None)
     # This process's data only: after a DDP fit, rank 0 may evaluate alone.
-    evaluator = DetectionEvaluator(class_names, pr_curves=pr_curves, distributed=False)
+    evaluator = DetectionEvaluator(class_names, max_detections=max_detections, pr_curves=pr_curves, distributed=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_detection)
     device = model_device(model)
     kept: list[dict[str, Tensor]] = []

@@ -132,6 +132,32 @@ def _make_metric(
     return metric
 
 
+def _mean_valid(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Mean of the entries ``> -1`` over ``dims`` (COCO's -1: undefined), -1 where none is valid."""
+    valid = x > -1
+    count = valid.sum(dim=dims)
+    total = torch.where(valid, x, torch.zeros_like(x)).sum(dim=dims)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, -1.0))
+
+
+def _summary_at_cap(coco: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """COCO's summary (pycocotools ``summarize``) at the largest max-detections threshold, from the
+    tables of an extended summary: ``precision: Tensor[T, R, K, A, M]``, ``recall: Tensor[T, K, A, M]``
+    (area ``A = 0`` all, ``M = -1`` the cap). Returns the ``coco`` and ``ap50`` dicts :meth:`compute`
+    reads, under the keys of the 100-detection summary."""
+    precision = coco["precision"][..., 0, -1].double()  # [T, R, K]
+    recall = coco["recall"][..., 0, -1].double()  # [T, K]
+    out = dict(coco)
+    out["map"] = _mean_valid(precision.reshape(-1), (0,))
+    out["map_50"] = _mean_valid(precision[0].reshape(-1), (0,))
+    out["map_75"] = _mean_valid(precision[5].reshape(-1), (0,))
+    out["mar_100"] = _mean_valid(recall.reshape(-1), (0,))
+    out["map_per_class"] = _mean_valid(precision, (0, 1))
+    out["mar_100_per_class"] = _mean_valid(recall, (0,))
+    ap50 = {"classes": coco["classes"], "map_per_class": _mean_valid(precision[0], (0,))}
+    return out, ap50
+
+
 class DetectionEvaluator(nn.Module):
     """Stateful COCO evaluation: ``update(predictions, targets)`` per batch, then ``compute()``.
 
@@ -141,7 +167,8 @@ class DetectionEvaluator(nn.Module):
     Args:
         class_names: name of each label (``per_class`` keys; every class is listed, ``nan`` where
             it has no ground truth). ``None``: the labels seen, as strings.
-        max_detections: the largest of COCO's max-detection thresholds (``mar100`` is AR at it).
+        max_detections: the detections per image and class COCO scores (its largest max-detections
+            threshold; ``mar100`` is AR at it): raise it for crowded images.
         pr_curves: also keep COCO's precision tensor and expose the IoU-0.5 precision-recall curves
             of the last ``compute()`` in :attr:`pr_curves`.
         distributed: gather the states of every process in ``compute()`` when ``torch.distributed``
@@ -170,7 +197,10 @@ class DetectionEvaluator(nn.Module):
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.max_detections = int(max_detections)
         self.with_pr_curves = bool(pr_curves)
-        self.coco = _make_metric(None, self.max_detections, self.with_pr_curves, distributed)
+        # COCO's summary counts 100 detections per image and class whatever the thresholds say; at
+        # another cap the metrics are read from the precision / recall tables (extended summary).
+        self.coco = _make_metric(None, self.max_detections, self.with_pr_curves or self.max_detections != 100,
+                                 distributed)
         self.ap50 = _make_metric([0.5], self.max_detections, False, distributed)
         self.num_images = 0
         self.num_ground_truth = 0
@@ -213,6 +243,8 @@ class DetectionEvaluator(nn.Module):
         """The metrics of everything added since the last :meth:`reset` (see the module docstring)."""
         coco = self.coco.compute()
         ap50 = self.ap50.compute()
+        if self.max_detections != 100:
+            coco, ap50 = _summary_at_cap(coco)
         result: dict[str, Any] = {
             "map": _nan_if_undefined(coco["map"]),
             "map50": _nan_if_undefined(coco["map_50"]),

@@ -183,3 +183,46 @@ def test_json_helpers(tmp_path):
     write_json({"a": 1}, tmp_path / "sub" / "x.json")
     assert json.loads((tmp_path / "sub" / "x.json").read_text()) == {"a": 1}
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.json"]  # no temporary file left
+
+
+def _random_scene(seed: int, images: int = 6, n: int = 30):
+    g = torch.Generator().manual_seed(seed)
+    preds, gts = [], []
+    for _ in range(images):
+        xy = torch.rand(n, 2, generator=g) * 200
+        b = torch.cat((xy, xy + 10 + torch.rand(n, 2, generator=g) * 30), 1)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        gts.append({"boxes": b, "labels": labels})
+        pb = b + torch.randn(n, 4, generator=g) * 3
+        preds.append({"boxes": torch.cat((pb, pb[:10] + 20)), "scores": torch.rand(n + 10, generator=g),
+                      "labels": torch.cat((labels, labels[:10]))})
+    return preds, gts
+
+
+def test_summary_from_the_tables_equals_cocos_at_100_detections():
+    from fewsight.eval.metrics import _make_metric, _summary_at_cap
+
+    preds, gts = _random_scene(0)
+    metric = _make_metric(None, 100, True, False)
+    metric.update(preds, gts)
+    coco = metric.compute()
+    table, ap50 = _summary_at_cap(coco)
+    for key in ("map", "map_50", "map_75", "mar_100", "map_per_class", "mar_100_per_class"):
+        torch.testing.assert_close(table[key].float(), coco[key].float(), atol=1e-6, rtol=0)
+    single = _make_metric([0.5], 100, False, False)
+    single.update(preds, gts)
+    torch.testing.assert_close(ap50["map_per_class"].float(), single.compute()["map_per_class"].float(), atol=1e-6, rtol=0)
+
+
+def test_a_crowd_of_one_class_is_scored_beyond_100_detections():
+    # 150 objects of one class in one image, all found: COCO's 100-detection summary caps recall at 2/3.
+    g = torch.Generator().manual_seed(1)
+    xy = torch.arange(150, dtype=torch.float32)[:, None].repeat(1, 2) * torch.tensor([40.0, 0.0])
+    boxes = torch.cat((xy, xy + 30), 1)
+    gt = [{"boxes": boxes, "labels": torch.zeros(150, dtype=torch.long)}]
+    pred = [{"boxes": boxes, "scores": torch.rand(150, generator=g), "labels": torch.zeros(150, dtype=torch.long)}]
+    capped = evaluate_detections(pred, gt, ["cell"])
+    assert capped["map50"] < 0.7 and capped["mar100"] == pytest.approx(100 / 150)
+    full = evaluate_detections(pred, gt, ["cell"], max_detections=200)
+    assert full["map50"] == full["map"] == full["mar100"] == pytest.approx(1.0)
+    assert full["per_class"]["cell"] == pytest.approx({"ap": 1.0, "ap50": 1.0, "ar100": 1.0})
