@@ -118,6 +118,19 @@ def test_shipped_configs_load_and_demo_yaml_matches_the_code():
     assert demo == DEMO_CONFIG
 
 
+def test_digits_large_configs_differ_only_in_how_the_canvases_reach_the_network():
+    """Tiles against downscaled canvases: the same data, model, optimiser and budget otherwise."""
+    tiles = yaml.safe_load((REPO / "configs" / "digits_large_tiles.yaml").read_text())
+    small = yaml.safe_load((REPO / "configs" / "digits_large_downscaled.yaml").read_text())
+    assert tiles["data"]["train"].pop("tiling") == {"size": 512, "overlap": 0.2, "min_visibility": 0.5}
+    assert (tiles["data"].pop("batch_size"), small["data"].pop("batch_size")) == (8, 2)  # the same pixels per step
+    assert small["model"].pop("max_size") == 1024
+    assert (tiles["model"].pop("detections_per_image"), small["model"].pop("detections_per_image")) == (300, 1000)
+    assert (tiles.pop("out_dir"), small.pop("out_dir")) == ("runs/digits_large_tiles", "runs/digits_large_downscaled")
+    assert tiles == small
+    assert tiles["model"]["anchor_generator"] == "auto" and tiles["trainer"]["max_time"] == "00:00:15:00"
+
+
 def test_digits_fewshot_yaml_is_the_demo_upscaled():
     """The few-shot base recipe differs from the demo only where its header says (resolution, anchors, out_dir)."""
     fewshot = yaml.safe_load((REPO / "configs" / "digits_fewshot.yaml").read_text())
