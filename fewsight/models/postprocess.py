@@ -49,9 +49,12 @@ def postprocess_detections(
 ) -> list[dict[str, Tensor]]:
     """Dense per-anchor scores and deltas -> per-image ``{"boxes", "scores", "labels"}``.
 
-    Per level, the ``topk_per_level`` highest ``(anchor, class)`` scores ``> score_threshold`` of each
-    image (threshold first and one sort of the candidates; or, when very many pass the threshold,
-    one ``topk`` over ``[B, A_l * C]`` per level); their boxes decoded and clipped to the image;
+    Per level, the ``k = max(topk_per_level, 10 * detections_per_image)`` highest ``(anchor, class)``
+    scores ``> score_threshold`` of each image (torchvision's 1,000 for its 100 detections; an image
+    allowed more detections, large or crowded, gets as many more candidates, or they run out before
+    the detections do: several anchors and classes score each object), by thresholding and one sort
+    of the candidates, or, when very many pass the threshold, one ``topk`` over ``[B, A_l * C]`` per
+    level; their boxes decoded and clipped to the image;
     one class-wise NMS over the whole batch (``torchvision.ops.batched_nms`` with group id
     ``image * C + class``); the ``detections_per_image`` best per image; boxes divided by ``scales``
     and clipped to ``original_sizes``. Same result as torchvision's per-image loop.
@@ -79,6 +82,7 @@ def postprocess_detections(
     if sum(level_sizes) != num_anchors:
         raise ShapeError(f"level_sizes: expected sizes summing to {num_anchors} (scores' A), got {list(level_sizes)}")
     scores = scores.detach().float()
+    topk_per_level = max(int(topk_per_level), 10 * int(detections_per_image))
     num_levels = len(level_sizes)
     above = scores > score_threshold
     num_above = int(above.sum())
@@ -154,7 +158,8 @@ class DetectionPostprocess:
 
     Args:
         score_threshold: keep ``(anchor, class)`` scores above it (0.05).
-        topk_per_level: candidates per image and pyramid level before NMS (1000).
+        topk_per_level: candidates per image and pyramid level before NMS (1000; at least ten per
+            detection allowed, see :func:`postprocess_detections`).
         nms_threshold: class-wise NMS IoU (0.5).
         detections_per_image: the cap after NMS (100).
 

@@ -269,6 +269,7 @@ def test_box_loss_kinds_and_weights():
 
 def _reference_postprocess(scores, deltas, anchors, level_sizes, sizes, thr, topk, nms, per_image):
     coder = BoxCoder()
+    topk = max(topk, 10 * per_image)  # ten candidates per level for each detection allowed
     out = []
     c = scores.shape[-1]
     for i in range(scores.shape[0]):
@@ -316,6 +317,23 @@ def test_batched_postprocess_equals_per_image_loop(threshold, topk):
         torch.testing.assert_close(o["scores"], r["scores"])
         torch.testing.assert_close(o["labels"], r["labels"])
         torch.testing.assert_close(o["boxes"], r["boxes"])
+
+
+def test_postprocess_candidates_grow_with_the_detections_allowed():
+    # 400 objects, each scored by 5 overlapping anchors of one level: 1,000 candidates hold 200 objects,
+    # so a cap of 400 detections needs the 4,000 candidates the cap brings.
+    n, per = 400, 5
+    xy = torch.arange(n, dtype=torch.float32)[:, None] * torch.tensor([[40.0, 0.0]])
+    anchors = torch.cat((xy, xy + 30), 1).repeat_interleave(per, 0) + torch.arange(per).repeat(n)[:, None] * 0.5
+    scores = (0.5 + 0.4 * torch.rand(1, n * per, 1, generator=torch.Generator().manual_seed(0)))
+    common = dict(coder=BoxCoder(), image_sizes=torch.tensor([[64.0, 40.0 * n]]), score_threshold=0.05,
+                  topk_per_level=1000, nms_threshold=0.5)
+    (many,) = postprocess_detections(scores, torch.zeros(1, n * per, 4), anchors, [n * per], detections_per_image=400,
+                                     **common)
+    assert len(many["boxes"]) == n  # one per object
+    (few,) = postprocess_detections(scores, torch.zeros(1, n * per, 4), anchors, [n * per], detections_per_image=100,
+                                    **common)
+    assert len(few["boxes"]) == 100
 
 
 def test_postprocess_nothing_above_threshold():
