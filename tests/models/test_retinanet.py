@@ -325,7 +325,8 @@ def test_postprocess_candidates_grow_with_the_detections_allowed():
     n, per = 400, 5
     xy = torch.arange(n, dtype=torch.float32)[:, None] * torch.tensor([[40.0, 0.0]])
     anchors = torch.cat((xy, xy + 30), 1).repeat_interleave(per, 0) + torch.arange(per).repeat(n)[:, None] * 0.5
-    scores = (0.5 + 0.4 * torch.rand(1, n * per, 1, generator=torch.Generator().manual_seed(0)))
+    objects = 0.5 + 0.4 * torch.rand(n, generator=torch.Generator().manual_seed(0))
+    scores = (objects.repeat_interleave(per) - torch.arange(per).repeat(n) * 1e-4).reshape(1, n * per, 1)
     common = dict(coder=BoxCoder(), image_sizes=torch.tensor([[64.0, 40.0 * n]]), score_threshold=0.05,
                   topk_per_level=1000, nms_threshold=0.5)
     (many,) = postprocess_detections(scores, torch.zeros(1, n * per, 4), anchors, [n * per], detections_per_image=400,
