@@ -107,17 +107,15 @@ def _data_source(args: argparse.Namespace) -> tuple[Any, Any, Any, float, str]:
 
 
 def _config_source(args: argparse.Namespace) -> tuple[Any, Any, Any, float, str]:
-    from fewsight.train import load_config
     from fewsight.data import TiledDataset
+    from fewsight.train import load_config
     from fewsight.train.anchors import AUTO, MAX_IMAGES, network_boxes
-    from fewsight.train.builders import build_dataset, build_model
-    from fewsight.train.config import ModelConfig
+    from fewsight.train.builders import anchor_probe, build_dataset
 
     cfg = load_config(args.config, args.overrides)
     train_set = build_dataset(cfg.data.train, training=True, where="data.train")
     auto = cfg.model.kwargs.get("anchor_generator") == AUTO
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if not (auto and k == "anchor_generator")}
-    model = build_model(ModelConfig(cfg.model.name, cfg.model.num_classes, kwargs), train_set.classes, pretrained=False)
+    model = anchor_probe(cfg.model, train_set.classes)
     images = train_set.num_images if isinstance(train_set, TiledDataset) else len(train_set)
     boxes, sizes = _read_boxes(args, min(images, MAX_IMAGES),
                                lambda advance: network_boxes(model, train_set, max_images=MAX_IMAGES, advance=advance))

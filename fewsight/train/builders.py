@@ -124,13 +124,18 @@ def resolve_anchors(cfg: ModelConfig, train_set: Any) -> tuple[ModelConfig, Anch
     proposal; ``(cfg, None)`` when the config names its anchors."""
     if cfg.kwargs.get("anchor_generator") != AUTO:
         return cfg, None
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "anchor_generator"}
-    probe = build_model(ModelConfig(cfg.name, cfg.num_classes, kwargs), train_set.classes, pretrained=False)
     try:
-        proposal = fit_anchors(probe, train_set)
+        proposal = fit_anchors(anchor_probe(cfg, train_set.classes), train_set)
     except InvalidArgumentError as exc:
         raise ConfigError(f"model.{exc}") from None
-    return ModelConfig(cfg.name, cfg.num_classes, {**kwargs, "anchor_generator": proposal.config()}), proposal
+    return ModelConfig(cfg.name, cfg.num_classes, {**cfg.kwargs, "anchor_generator": proposal.config()}), proposal
+
+
+def anchor_probe(cfg: ModelConfig, classes: Sequence[str]) -> nn.Module:
+    """The model of ``cfg`` without pretrained weights, its own default anchors standing for ``auto``:
+    what anchors are fitted against (its levels, resizing, matcher threshold and current anchors)."""
+    kwargs = {k: v for k, v in cfg.kwargs.items() if not (k == "anchor_generator" and v == AUTO)}
+    return build_model(ModelConfig(cfg.name, cfg.num_classes, kwargs), classes, pretrained=False)
 
 
 def build_model(cfg: ModelConfig | dict[str, Any], classes: Sequence[str] | None = None, *, pretrained: bool = True) -> nn.Module:
