@@ -39,6 +39,7 @@ Prints the versions, the machine and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import statistics
@@ -163,8 +164,6 @@ def _steps(run: Path) -> str:
     log = run / "logs" / "metrics.csv"
     if not log.is_file():
         return "?"
-    import csv
-
     with open(log) as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
     return str(max(steps) + 1) if steps else "?"

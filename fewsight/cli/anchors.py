@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 def _data_source(args: argparse.Namespace) -> tuple[Any, Any, Any, float, str]:
     from fewsight.data import dataset_boxes, open_dataset
     from fewsight.geometry import AnchorGenerator
+    from fewsight.models.transform import DetectionTransform
+    from fewsight.train.anchors import scale_to_network
 
     with flag_errors("--levels", "levels"):
         current = AnchorGenerator(levels=[3, 4, 5, 6, 7] if args.levels is None else args.levels)
@@ -99,9 +101,8 @@ def _data_source(args: argparse.Namespace) -> tuple[Any, Any, Any, float, str]:
         else:
             dataset = open_dataset(args.data, args.format, images=args.images)
     boxes, sizes = _read_boxes(args, len(dataset), lambda advance: dataset_boxes(dataset, advance=advance))
-    if args.image_size is not None and len(boxes):  # as DetectionTransform(max_size=S): one scale per image
-        scale = args.image_size / sizes.amax(dim=1, keepdim=True)
-        boxes, sizes = boxes * scale, (sizes * scale).round().clamp(min=1)
+    if args.image_size is not None:
+        boxes, sizes = scale_to_network(boxes, sizes, DetectionTransform(max_size=args.image_size))
     threshold = 0.5 if args.iou_threshold is None else args.iou_threshold
     return boxes, sizes, current, threshold, "default anchors"
 

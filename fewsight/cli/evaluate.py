@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fewsight.data import ImageFileDataset, RelabeledDataset
+    from fewsight.data import ImageFileDataset, unwrap_relabeled
     from fewsight.errors import DataError, InvalidArgumentError
     from fewsight.eval import evaluate_model, plot_detection_grid, plot_precision_recall, write_json
     from fewsight.hub import load_model
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = eval_dataset(args, classes, **options)
     if len(dataset) == 0:
         raise DataError(args.data, "the dataset has no images")
-    files = dataset
-    while isinstance(files, RelabeledDataset):
-        files = files.dataset
+    files = unwrap_relabeled(dataset)
     if sliced is not None and isinstance(files, ImageFileDataset):
         files.image_dtype = torch.uint8  # tiles are cut from 3 bytes per pixel, not 12
     # Sliced: one image at a time through the wrapper, whose tiles are batched by --batch-size.

@@ -36,6 +36,7 @@ from fewsight.data.dataset import (
     RelabeledDataset,
     load_image,
     save_image,
+    unwrap_relabeled,
 )
 from fewsight.data.digits import (
     BASE_CLASSES,
@@ -80,6 +81,7 @@ __all__ = [
     "open_dataset",
     "save_image",
     "train_transforms",
+    "unwrap_relabeled",
     "write_coco",
     "write_csv",
     "write_voc",

@@ -60,6 +60,7 @@ __all__ = [
     "load_image",
     "read_image_size",
     "save_image",
+    "unwrap_relabeled",
 ]
 
 logger = logging.getLogger("fewsight.data")
@@ -356,6 +357,20 @@ class RelabeledDataset(Dataset[tuple[Tensor, Target]]):
         """The relabelled target of item ``index``, without decoding when the source can."""
         get = getattr(self.dataset, "get_target", None)
         return self._relabel(get(index) if callable(get) else self.dataset[index][1])
+
+
+def unwrap_relabeled(dataset: Any) -> Any:
+    """The dataset under any :class:`RelabeledDataset` views of it (they show its images).
+
+    >>> import torch
+    >>> from fewsight.data import DigitsDataset
+    >>> src = DigitsDataset("test", 2, classes=[3, 5])
+    >>> unwrap_relabeled(RelabeledDataset(src, torch.tensor([0, 0]), ["digit"])) is src
+    True
+    """
+    while isinstance(dataset, RelabeledDataset):
+        dataset = dataset.dataset
+    return dataset
 
 
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewsight.data.dataset import RelabeledDataset
+from fewsight.data.dataset import unwrap_relabeled
 from fewsight.data.tiled import TiledDataset
 from fewsight.errors import InvalidArgumentError
 
@@ -54,10 +54,7 @@ def dataset_boxes(
     if isinstance(dataset, TiledDataset):
         dataset = dataset.dataset
     get_target = getattr(dataset, "get_target", None)
-    base = dataset
-    while isinstance(base, RelabeledDataset):  # a relabelled view has its source's images
-        base = base.dataset
-    image_size = getattr(base, "image_size", None)
+    image_size = getattr(unwrap_relabeled(dataset), "image_size", None)
     boxes, sizes = [], []
     for i in sample_indices(len(dataset), max_images):
         if callable(get_target) and (callable(image_size) or isinstance(image_size, (tuple, list))):

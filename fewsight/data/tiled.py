@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewsight.data.dataset import DetectionDataset, RelabeledDataset, Target, check_index
+from fewsight.data.dataset import DetectionDataset, Target, check_index, unwrap_relabeled
 from fewsight.errors import DataError, InvalidArgumentError, check_choice, check_real
 from fewsight.geometry import tile_starts, tile_targets
 
@@ -90,10 +90,7 @@ def crops_per_image(height: int, width: int, size: Any) -> int:
 def _source_sizes(dataset: Any) -> np.ndarray:
     """``Long[N, 2]`` ``(H, W)`` of every image of ``dataset``, without decoding when it can say."""
     n = len(dataset)
-    base = dataset
-    while isinstance(base, RelabeledDataset):  # a relabelled view has its source's images
-        base = base.dataset
-    size = getattr(base, "image_size", None)
+    size = getattr(unwrap_relabeled(dataset), "image_size", None)
     if callable(size):  # the file readers: from the image headers
         return np.array([tuple(size(i)) for i in range(n)], dtype=np.int64).reshape(-1, 2)
     if isinstance(size, (tuple, list)) and len(size) == 2:  # generated canvases of one size

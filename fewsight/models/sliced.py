@@ -167,9 +167,9 @@ def _merge(boxes: Tensor, scores: Tensor, labels: Tensor, cut: Tensor, merge: st
     union = torch.cat((union[:, :2], -union[:, 2:]), dim=1)
     # A group member its tile saw whole gives the group's box (the best-scoring one): a part's box,
     # regressed from a truncated view, often overshoots, and its union with the whole box is too big.
-    rank = torch.empty(n, dtype=torch.long, device=group.device)
-    rank[torch.sort(scores, descending=True, stable=True).indices] = torch.arange(n, device=group.device)
-    by_rank = torch.argsort(rank)
+    by_rank = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.empty_like(by_rank)
+    rank[by_rank] = torch.arange(n, device=group.device)
     whole_rank = torch.where(cut, torch.full_like(rank, n), rank)
     best = torch.full_like(rank, n).scatter_reduce_(0, group, whole_rank, reduce="amin", include_self=True)
     merged = torch.where((best < n)[:, None], boxes[by_rank[best.clamp(max=n - 1)]], union)
